@@ -1,0 +1,190 @@
+"""Pure-PyTorch reference of the quantize-and-gate operator: the oracle of every test.
+
+Forward: SPEC Part B §1.4–1.7 and §10.2, in the reference's fp32 operation order, with
+straight-through rounding through autograd. Backward: autograd, or the closed form of §10.3
+(`closed_form_grads`), which the kernels implement.
+
+`compute_dtype` lets the same formulas run in float64 for the error bound of SPEC A4.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SHRINK = 1 - 1e-7  # pact_clip's factor; 1 - 2**-23 once rounded to fp32 (SPEC B §1.4)
+BITS = (2, 4, 8, 16, 32)
+LEVEL_DIVISORS = (5, 17, 257, 65537)  # s_{2b} = s_b / (2^b + 1)  (SPEC B §1.5)
+LEVEL_C = (1, 5, 85, 21845, 1431655765)  # s_b = s_2 / c_b
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even in the forward pass, identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor) -> Tensor:  # noqa: D102
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+def round_ste(v: Tensor) -> Tensor:
+    """Straight-through round (SPEC B §1.10)."""
+    return _RoundSTE.apply(v)
+
+
+def level_index(bits: int) -> int:
+    """Position of a bit width in the 2→4→8→16→32 chain."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    return BITS.index(bits)
+
+
+def scales(x_max: Tensor, signed: bool) -> list[Tensor]:
+    """The five grid steps s_2 … s_32 as successive divisions (SPEC B §1.5)."""
+    s = (x_max * 2) / 3 if signed else x_max / 3
+    out = [s]
+    for d in LEVEL_DIVISORS:
+        s = s / d
+        out.append(s)
+    return out
+
+
+def clip(x: Tensor, x_max: Tensor, signed: bool) -> Tensor:
+    """pact_clip in the reference's exact operation order (SPEC B §1.4)."""
+    shrink = torch.tensor(SHRINK, dtype=x_max.dtype, device=x_max.device)
+    xm = x_max * shrink
+    xmin = -xm if signed else torch.zeros_like(xm)
+    span = xm - xmin
+    r1 = torch.relu(x - xmin)
+    r2 = torch.relu(span - r1)
+    return (-r2) + xm
+
+
+def active_gates(gates: Tensor) -> Tensor:
+    """Gates with every gate at and above the first zero one set to 0, gradient included."""
+    alive = torch.cumprod((gates > 0).to(gates.dtype), dim=0).detach()
+    return gates * alive
+
+
+def _channel_view(g2: Tensor, x: Tensor) -> Tensor:
+    return g2.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def bb_quantize(
+    x: Tensor,
+    x_max: Tensor,
+    gates: Tensor,
+    g2: Tensor | None = None,
+    *,
+    signed: bool,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Gated residual quantization y = g2·(x2 + g4·(x4 + g8·(x8 + g16·(x16 + g32·x32)))).
+
+    `gates` is (g4, g8, g16, g32); the first zero gate ends the chain (SPEC B §1.8). Levels above
+    it are computed but enter with a detached zero factor, so forward values are unchanged and no
+    host synchronisation is needed. Output has x's dtype.
+    """
+    xf = x.to(compute_dtype)
+    xm = x_max.to(compute_dtype).reshape(())
+    xc = clip(xf, xm, signed)
+    g = active_gates(gates.to(compute_dtype))
+    levels = []
+    rho = xc
+    for k, s in enumerate(scales(xm, signed)):
+        if k:
+            rho = rho - levels[-1]
+        levels.append(s * round_ste(rho / s))
+    z = levels[-1]
+    for k in range(len(levels) - 2, -1, -1):
+        z = levels[k] + g[k] * z
+    if g2 is not None:
+        z = _channel_view(g2.to(compute_dtype), z) * z
+    return z.to(x.dtype) if compute_dtype == torch.float32 else z
+
+
+def fixed_quantize(
+    x: Tensor,
+    x_max: Tensor,
+    bits: int,
+    mask: Tensor | None = None,
+    *,
+    signed: bool,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Fixed-bit PACT quantization y = mask·s_b·R(clip(x)/s_b) (SPEC A3, B §1.11, §6.9)."""
+    xf = x.to(compute_dtype)
+    xm = x_max.to(compute_dtype).reshape(())
+    s = scales(xm, signed)[level_index(bits)]
+    z = s * round_ste(clip(xf, xm, signed) / s)
+    if mask is not None:
+        z = _channel_view(mask.to(compute_dtype), z) * z
+    return z.to(x.dtype) if compute_dtype == torch.float32 else z
+
+
+def closed_form_grads(
+    grad: Tensor,
+    x: Tensor,
+    x_max: Tensor,
+    gates: Tensor | None,
+    g2: Tensor | None,
+    *,
+    signed: bool,
+    bits: int = 0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The straight-through gradients of SPEC B §10.3: (dx, dx_max, d(g4…g32), dg2).
+
+    `bits` = 0 is the gated chain; a bit width selects the fixed-bit single level, for which the
+    gate gradient is all zeros. Without g2 the last output is Σ g·z as a length-1 vector.
+    """
+    cd = compute_dtype
+    g = grad.to(cd)
+    xf = x.to(cd)
+    xm_param = x_max.to(cd).reshape(())
+    shrink = torch.tensor(SHRINK, dtype=cd)
+    xm = xm_param * shrink
+    xmin = -xm if signed else torch.zeros_like(xm)
+    xc = clip(xf, xm_param, signed)
+    all_s = scales(xm_param, signed)
+    if bits:
+        first = level_index(bits)
+        s_used, c_used, gate_vals = [all_s[first]], [LEVEL_C[first]], torch.zeros(4, dtype=cd)
+    else:
+        s_used, c_used, gate_vals = all_s, LEVEL_C, active_gates(gates.to(cd))
+    n_levels = len(s_used) if bits else 1 + int(torch.count_nonzero(torch.cumprod(gate_vals > 0, 0)))
+    C = x.shape[0] if g2 is not None else 1
+    G2 = _channel_view(g2.to(cd), xf) if g2 is not None else torch.ones((), dtype=cd)
+
+    rho, xs, es = xc, [], []
+    for k in range(n_levels):
+        if k:
+            rho = rho - xs[-1]
+        r = rho / s_used[k]
+        q = torch.round(r)
+        xs.append(s_used[k] * q)
+        es.append(q - r)
+    us = [xs[-1]]
+    for k in range(n_levels - 2, -1, -1):
+        us.insert(0, xs[k] + gate_vals[k] * us[0])
+    z = us[0]
+    Gs = [G2]
+    for k in range(n_levels - 1):
+        Gs.append(Gs[-1] * gate_vals[k])
+    Gs.append(torch.zeros((), dtype=cd))
+
+    inside = ((xf > xmin) & (xf < xm)).to(cd)
+    clipsign = (xf >= xm).to(cd) - ((xf <= -xm) & signed).to(cd)
+    kappa = 2.0 / 3.0 if signed else 1.0 / 3.0
+    dx = g * G2 * inside
+    t = g * G2 * shrink * clipsign
+    for k in range(n_levels):
+        t = t + kappa / c_used[k] * g * es[k] * (Gs[k] - Gs[k + 1])
+    dgates = torch.zeros(4, dtype=cd)
+    for k in range(n_levels - 1):
+        dgates[k] = (g * Gs[k] * us[k + 1]).sum()
+    dg2 = (g * z).reshape(C, -1).sum(1)
+    return dx, t.sum(), dgates, dg2

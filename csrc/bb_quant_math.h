@@ -1,0 +1,161 @@
+// Per-element math of the quantize-and-gate operator, shared by the CPU and CUDA kernels.
+//
+// SPEC B §10.1–10.3. Exactness rests on the build flags: no FMA contraction (-ffp-contract=off,
+// nvcc -fmad=false), correctly rounded division (no fast-math), and rint = round half to even.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BBQ_HD __host__ __device__ __forceinline__
+#else
+#define BBQ_HD inline
+#endif
+
+namespace bbq {
+
+constexpr int kLevels = 5;          // 2, 4, 8, 16, 32 bit
+constexpr int kAccumulators = 11;   // per tile: Σg·clipsign, Σg·e_k (5), Σg·u_{k+1} (4), Σg·z
+
+// The tensor-wide constants: clip bounds, the active levels' grid steps and gates, and the
+// per-level x_max coefficients κ/c_k. `levels` is the effective depth: the gated chain stops at
+// the first zero gate; a fixed-bit quantizer has one level, the chain's level for its bit width.
+struct Params {
+  float xm, xmin, span;
+  float s[kLevels];
+  float gate[kLevels - 1];
+  float kappa_over_c[kLevels];
+  float clip_scale;  // ∂xm'/∂x_max = fl32(1 − 1e−7)
+  int levels;
+  bool is_signed;
+};
+
+// fixed_bits: 0 for the gated chain (gates = g4…g32), else 2…32 (gates ignored, may be null).
+BBQ_HD Params make_params(float x_max, bool is_signed, const float* gates, int fixed_bits) {
+  Params p;
+  const float shrink = 1.0f - 1e-7f;  // rounds to 1 − 2^−23, as the reference's fp32 constant
+  // A non-positive or non-finite x_max poisons every output with NaN rather than garbage.
+  const bool valid = x_max > 0.0f && x_max <= 3.402823466e38f;
+  const float xmax = valid ? x_max : NAN;
+  p.xm = xmax * shrink;
+  p.xmin = is_signed ? -p.xm : 0.0f;
+  p.span = p.xm - p.xmin;
+  p.clip_scale = shrink;
+  p.is_signed = is_signed;
+  float chain[kLevels];
+  chain[0] = is_signed ? (2.0f * xmax) / 3.0f : xmax / 3.0f;
+  const float div[kLevels - 1] = {5.0f, 17.0f, 257.0f, 65537.0f};
+  for (int k = 1; k < kLevels; ++k) chain[k] = chain[k - 1] / div[k - 1];
+  const float c[kLevels] = {1.0f, 5.0f, 85.0f, 21845.0f, 1431655765.0f};
+  const float kappa = is_signed ? 2.0f / 3.0f : 1.0f / 3.0f;
+  int first = 0;
+  if (fixed_bits) {
+    while ((2 << first) != fixed_bits) ++first;
+    p.levels = 1;
+  } else {
+    int n = 0;
+    while (n < kLevels - 1 && gates[n] > 0.0f) ++n;
+    p.levels = n + 1;
+  }
+  for (int k = 0; k < kLevels; ++k) {
+    const int j = first + k < kLevels ? first + k : kLevels - 1;
+    p.s[k] = chain[j];
+    p.kappa_over_c[k] = kappa / c[j];
+  }
+  for (int k = 0; k < kLevels - 1; ++k) p.gate[k] = k + 1 < p.levels ? gates[k] : 0.0f;
+  return p;
+}
+
+// max(v, 0) that keeps NaN, like torch.relu.
+BBQ_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+// pact_clip in the reference's operation order (SPEC B §1.4).
+BBQ_HD float clip(float x, const Params& p) {
+  const float r1 = relu(x - p.xmin);
+  const float r2 = relu(p.span - r1);
+  return (-r2) + p.xm;
+}
+
+// z = x2 + g4·(x4 + g8·(…)) over the first L levels (SPEC B §10.2).
+template <int L>
+BBQ_HD float quantize_levels(float xc, const Params& p) {
+  float xk[L];
+  float rho = xc;
+#pragma unroll
+  for (int k = 0; k < L; ++k) {
+    if (k) rho = rho - xk[k - 1];
+    xk[k] = p.s[k] * rintf(rho / p.s[k]);
+  }
+  float u = xk[L - 1];
+#pragma unroll
+  for (int k = L - 2; k >= 0; --k) u = xk[k] + p.gate[k] * u;
+  return u;
+}
+
+// Per-element backward terms (SPEC B §10.3) with g = ∂L/∂y. `acc` receives, in order,
+// g·clipsign, g·e_k for k < L, g·u_{k+1} for k < L−1, and g·z; the caller scales them by the
+// per-channel factors in `reduce_tile`. Returns ∂L/∂x / G2 (= g·inside).
+template <int L>
+BBQ_HD float backward_terms(float x, float g, const Params& p, float* acc) {
+  const float xc = clip(x, p);
+  float xk[L], ek[L];
+  float rho = xc;
+#pragma unroll
+  for (int k = 0; k < L; ++k) {
+    if (k) rho = rho - xk[k - 1];
+    const float r = rho / p.s[k];
+    const float q = rintf(r);
+    xk[k] = p.s[k] * q;
+    ek[k] = q - r;
+  }
+  float u[L];
+  u[L - 1] = xk[L - 1];
+#pragma unroll
+  for (int k = L - 2; k >= 0; --k) u[k] = xk[k] + p.gate[k] * u[k + 1];
+  const float hi = x >= p.xm ? 1.0f : 0.0f;
+  const float lo = (p.is_signed && x <= p.xmin) ? 1.0f : 0.0f;
+  acc[0] = g * (hi - lo);
+#pragma unroll
+  for (int k = 0; k < L; ++k) acc[1 + k] = g * ek[k];
+#pragma unroll
+  for (int k = 0; k + 1 < L; ++k) acc[1 + L + k] = g * u[k + 1];
+  acc[2 * L] = g * u[0];
+  const bool inside = x > p.xmin && x < p.xm;
+  return inside ? g : 0.0f;
+}
+
+// Per-channel coefficients that turn a tile's accumulators into gradient contributions:
+// G_k = G2·g4·…, and the x_max factor κ/c_k·(G_k − G_{k+1}) of level k.
+struct ChannelCoeffs {
+  double G[kLevels];
+  double xmax_level[kLevels];
+  double xmax_clip;
+};
+
+BBQ_HD ChannelCoeffs channel_coeffs(const Params& p, float g2) {
+  ChannelCoeffs cc;
+  float G = g2;
+  for (int k = 0; k < kLevels; ++k) {
+    cc.G[k] = k < p.levels ? G : 0.0;
+    if (k < kLevels - 1) G = G * p.gate[k];
+  }
+  for (int k = 0; k < kLevels; ++k) {
+    const double next = k + 1 < kLevels ? cc.G[k + 1] : 0.0;
+    cc.xmax_level[k] = k < p.levels ? (double)p.kappa_over_c[k] * (cc.G[k] - next) : 0.0;
+  }
+  cc.xmax_clip = (double)g2 * (double)p.clip_scale;
+  return cc;
+}
+
+// Adds one tile's accumulators (layout of backward_terms, for p.levels levels) to
+// out = [dx_max, dg4, dg8, dg16, dg32, dg2_c].
+BBQ_HD void reduce_tile(const Params& p, const ChannelCoeffs& cc, const double* acc, double* out) {
+  const int L = p.levels;
+  out[0] += cc.xmax_clip * acc[0];
+  for (int k = 0; k < L; ++k) out[0] += cc.xmax_level[k] * acc[1 + k];
+  for (int k = 0; k + 1 < L; ++k) out[1 + k] += cc.G[k] * acc[1 + L + k];
+  out[5] += acc[2 * L];
+}
+
+}  // namespace bbq

@@ -62,11 +62,13 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if is_available(b, device)]
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
     """The backend in effect for `device`: the argument, else $BBKERNELS_BACKEND, else the default.
 
     An explicit choice that cannot run raises ValueError. The default degrades: Triton → CUDA C++ →
     reference on GPUs, C++ → reference on CPUs (the C++ loader warns once when it cannot build).
+    Under torch.compile it runs once, at trace time.
     """
     device_type = torch.device(device).type
     choice = backend or os.environ.get(ENV_VAR) or None

@@ -1,7 +1,7 @@
 // CPU kernels of the quantize-and-gate operator: one pass forward, one pass backward.
 //
 // Work is split into fixed tiles that never straddle an output channel. Each tile is vectorised
-// over kLanes lanes (float lane accumulators, summed in a fixed order into double), and tile
+// over kLanes lanes (short float runs per lane, flushed into double lanes), and tile
 // partials are combined in tile order in double: results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +15,7 @@ namespace {
 
 constexpr int64_t kTile = 4096;
 constexpr int kLanes = 16;
+constexpr int64_t kFlushBlocks = 16;  // float accumulation runs of 16 adds per lane
 constexpr int64_t kGrainTiles = 8;  // tensors under 8 tiles run on one thread
 
 struct Layout {
@@ -56,26 +57,28 @@ template <int L, typename scalar_t>
 void backward_span(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t n, const bbq::Params& p,
                    float g2, double* acc) {
   constexpr int A = 2 * L + 1;
-  float lanes[A][kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      float t[A];
-      const float d = bbq::backward_terms<L>(static_cast<float>(x[i + l]), static_cast<float>(g[i + l]), p, t);
-      dx[i + l] = static_cast<scalar_t>(d * g2);
-      for (int a = 0; a < A; ++a) lanes[a][l] += t[a];
+  double total[A][kLanes] = {};
+  for (int64_t i0 = 0; i0 < n; i0 += kFlushBlocks * kLanes) {
+    // Short float runs per lane, flushed into double lanes: vector speed, near-pairwise accuracy.
+    float lanes[A][kLanes] = {};
+    const int64_t end = std::min(n, i0 + kFlushBlocks * kLanes);
+    for (int64_t i = i0; i < end; i += kLanes) {
+      // The last block is padded with g = 0, which adds nothing to the accumulators.
+      const int64_t m = std::min<int64_t>(kLanes, end - i);
+      float xb[kLanes], gb[kLanes], dxg[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        xb[l] = l < m ? static_cast<float>(x[i + l]) : 0.0f;
+        gb[l] = l < m ? static_cast<float>(g[i + l]) : 0.0f;
+      }
+      bbq::backward_block<L, kLanes>(xb, gb, p, dxg, lanes);
+      for (int l = 0; l < m; ++l) dx[i + l] = static_cast<scalar_t>(dxg[l] * g2);
     }
-  }
-  for (; i < n; ++i) {
-    float t[A];
-    const float d = bbq::backward_terms<L>(static_cast<float>(x[i]), static_cast<float>(g[i]), p, t);
-    dx[i] = static_cast<scalar_t>(d * g2);
-    for (int a = 0; a < A; ++a) lanes[a][0] += t[a];
+    for (int a = 0; a < A; ++a)
+      for (int l = 0; l < kLanes; ++l) total[a][l] += lanes[a][l];
   }
   for (int a = 0; a < A; ++a) {
     double s = 0.0;
-    for (int l = 0; l < kLanes; ++l) s += lanes[a][l];
+    for (int l = 0; l < kLanes; ++l) s += total[a][l];
     acc[a] = s;
   }
 }

@@ -9,8 +9,10 @@
 
 #if defined(__CUDACC__)
 #define BBQ_HD __host__ __device__ __forceinline__
+#define BBQ_UNROLL _Pragma("unroll")
 #else
 #define BBQ_HD inline
+#define BBQ_UNROLL _Pragma("GCC unroll 8")
 #endif
 
 namespace bbq {
@@ -82,47 +84,55 @@ template <int L>
 BBQ_HD float quantize_levels(float xc, const Params& p) {
   float xk[L];
   float rho = xc;
-#pragma unroll
+BBQ_UNROLL
   for (int k = 0; k < L; ++k) {
     if (k) rho = rho - xk[k - 1];
     xk[k] = p.s[k] * rintf(rho / p.s[k]);
   }
   float u = xk[L - 1];
-#pragma unroll
+BBQ_UNROLL
   for (int k = L - 2; k >= 0; --k) u = xk[k] + p.gate[k] * u;
   return u;
 }
 
-// Per-element backward terms (SPEC B §10.3) with g = ∂L/∂y. `acc` receives, in order,
-// g·clipsign, g·e_k for k < L, g·u_{k+1} for k < L−1, and g·z; the caller scales them by the
-// per-channel factors in `reduce_tile`. Returns ∂L/∂x / G2 (= g·inside).
-template <int L>
-BBQ_HD float backward_terms(float x, float g, const Params& p, float* acc) {
-  const float xc = clip(x, p);
-  float xk[L], ek[L];
-  float rho = xc;
-#pragma unroll
-  for (int k = 0; k < L; ++k) {
-    if (k) rho = rho - xk[k - 1];
-    const float r = rho / p.s[k];
-    const float q = rintf(r);
-    xk[k] = p.s[k] * q;
-    ek[k] = q - r;
+// Backward terms (SPEC B §10.3) for a block of W elements with g = ∂L/∂y, written level by level
+// so that every inner loop runs over the W lanes (SIMD on CPUs, W = 1 per CUDA thread).
+// `acc[a][l]` accumulates, in order of a: g·clipsign, g·e_k for k < L, g·u_{k+1} for k < L−1, and
+// g·z; `reduce_tile` later scales them by per-channel factors. `dxg` receives g·inside (= ∂L/∂x / G2).
+template <int L, int W>
+BBQ_HD void backward_block(const float* x, const float* g, const Params& p, float* dxg, float (*acc)[W]) {
+  float rho[W], u[W], xk[L][W];
+  BBQ_UNROLL
+  for (int l = 0; l < W; ++l) {
+    const float hi = x[l] >= p.xm ? 1.0f : 0.0f;
+    const float lo = (p.is_signed && x[l] <= p.xmin) ? 1.0f : 0.0f;
+    acc[0][l] += g[l] * (hi - lo);
+    dxg[l] = (x[l] > p.xmin && x[l] < p.xm) ? g[l] : 0.0f;
+    rho[l] = clip(x[l], p);
   }
-  float u[L];
-  u[L - 1] = xk[L - 1];
-#pragma unroll
-  for (int k = L - 2; k >= 0; --k) u[k] = xk[k] + p.gate[k] * u[k + 1];
-  const float hi = x >= p.xm ? 1.0f : 0.0f;
-  const float lo = (p.is_signed && x <= p.xmin) ? 1.0f : 0.0f;
-  acc[0] = g * (hi - lo);
-#pragma unroll
-  for (int k = 0; k < L; ++k) acc[1 + k] = g * ek[k];
-#pragma unroll
-  for (int k = 0; k + 1 < L; ++k) acc[1 + L + k] = g * u[k + 1];
-  acc[2 * L] = g * u[0];
-  const bool inside = x > p.xmin && x < p.xm;
-  return inside ? g : 0.0f;
+  BBQ_UNROLL
+  for (int k = 0; k < L; ++k) {
+    BBQ_UNROLL
+    for (int l = 0; l < W; ++l) {
+      if (k) rho[l] = rho[l] - xk[k - 1][l];
+      const float r = rho[l] / p.s[k];
+      const float q = rintf(r);
+      xk[k][l] = p.s[k] * q;
+      acc[1 + k][l] += g[l] * (q - r);
+    }
+  }
+  BBQ_UNROLL
+  for (int l = 0; l < W; ++l) u[l] = xk[L - 1][l];
+  BBQ_UNROLL
+  for (int k = L - 2; k >= 0; --k) {
+    BBQ_UNROLL
+    for (int l = 0; l < W; ++l) {
+      acc[1 + L + k][l] += g[l] * u[l];
+      u[l] = xk[k][l] + p.gate[k] * u[l];
+    }
+  }
+  BBQ_UNROLL
+  for (int l = 0; l < W; ++l) acc[2 * L][l] += g[l] * u[l];
 }
 
 // Per-channel coefficients that turn a tile's accumulators into gradient contributions:

@@ -1,1 +1,45 @@
-"""Bayesian Bits: learned mixed-precision quantization and pruning (van Baalen et al., NeurIPS 2020)."""
+"""Bayesian Bits: learned mixed-precision quantization and pruning (van Baalen et al., NeurIPS 2020).
+
+Public API (what a training pipeline calls, in order):
+
+    config = QuantConfig(gamma_4_init=6, ..., include_pruning=True, reg_type="bop")
+    model = build_model("resnet18", config, pretrained=False)   # or build_float_model(name) for baselines
+    calibrate(model, images)             # no_grad, train mode: sets ranges/signs (§1.2); before any optimizer
+    freeze_batch_norm(model)             # only with --static-fold-bn
+    assign_macs(model)                   # only for reg_type "bop" (§3.2); default input shape per model
+    loss = ce + lam * regularizer(model) # §3.4
+    report = bop_report(model); print(format_report(report))   # §3.5–3.6, §6.10
+    convert_to_fixed(model)              # fixed-gate fine-tuning (§6.9); then build new optimizers
+
+Parameter names contain `gamma_` (gates) and `x_max` (ranges) for the optimizer grouping of §6.3.
+"""
+
+from .bops import assign_macs, bop_report, count_macs, format_report
+from .calibration import calibrate, freeze_batch_norm, quantizers
+from .config import QuantConfig
+from .finetune import convert_to_fixed
+from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .models import MODELS, build_float_model, build_model
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer
+from .regularizer import regularizer
+
+__all__ = [
+    "MODELS",
+    "BayesianBitsQuantizer",
+    "FixedQuantizer",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLayer",
+    "QuantLinear",
+    "assign_macs",
+    "bop_report",
+    "build_float_model",
+    "build_model",
+    "calibrate",
+    "convert_to_fixed",
+    "count_macs",
+    "format_report",
+    "freeze_batch_norm",
+    "quantizers",
+    "regularizer",
+]

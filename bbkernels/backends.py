@@ -20,14 +20,14 @@ _MODULES = {"cpu": "bbkernels.cpu", "triton": "bbkernels.triton_kernels", "cuda"
 class Kernel(Protocol):
     """What a backend module provides (tensors already validated, contiguous, fp32 scalars)."""
 
-    def available(self) -> bool:  # noqa: D102
+    def available(self) -> bool:
         ...
 
-    def forward(  # noqa: D102
+    def forward(
         self, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int
     ) -> Tensor: ...
 
-    def backward(  # noqa: D102
+    def backward(
         self,
         grad: Tensor,
         x: Tensor,
@@ -51,6 +51,8 @@ def is_available(name: str, device: torch.device | str = "cpu") -> bool:
     device_type = torch.device(device).type
     devices = _DEVICES[name]
     if devices is not None and device_type not in devices:
+        return False
+    if device_type == "cuda" and not torch.cuda.is_available():
         return False
     if name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False

@@ -7,10 +7,12 @@ import hashlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BBKERNELS_BUILD_DIR"
@@ -21,7 +23,7 @@ def build_dir(name: str, sources: list[Path], flags: list[str]) -> Path:
     digest = hashlib.sha256()
     for path in sorted({*sources, CSRC / "bb_quant_math.h"}):
         digest.update(path.read_bytes())
-    digest.update(" ".join(flags + [torch.__version__, sys.version]).encode())
+    digest.update(" ".join([*flags, torch.__version__, sys.version]).encode())
     root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "bbkernels"))
     path = root / f"{name}-{digest.hexdigest()[:16]}"
     path.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def load_extension(
             build_directory=str(directory),
             verbose=False,
         )
-    except Exception as err:  # noqa: BLE001 - any build failure means "not available"
+    except Exception as err:  # any build failure means "not available"
         warnings.warn(
             f"bbkernels: could not build {name} ({type(err).__name__}: {str(err).strip()[:300]}); "
             "the operator falls back to the pure-PyTorch reference",
@@ -58,3 +60,24 @@ def load_extension(
             stacklevel=3,
         )
         return None
+
+
+class ExtensionKernel:
+    """A backend (see backends.Kernel) whose forward and backward are an extension's functions."""
+
+    def __init__(self, load: Callable[[], ModuleType | None]) -> None:
+        self._load = load
+
+    def available(self) -> bool:
+        """Whether the extension loads (building it on first call)."""
+        return self._load() is not None
+
+    def forward(self, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool,
+                bits: int) -> Tensor:
+        """y of x's shape and dtype."""
+        return self._load().forward(x, x_max, gates, g2, signed, bits)
+
+    def backward(self, grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None,
+                 signed: bool, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(dx, dx_max[1], dgates[4], dg2[C]) in one pass over x and grad, deterministic reductions."""
+        return tuple(self._load().backward(grad.to(x.dtype), x, x_max, gates, g2, signed, bits))

@@ -22,11 +22,11 @@ class _RoundSTE(torch.autograd.Function):
     """Round half to even in the forward pass, identity in the backward pass."""
 
     @staticmethod
-    def forward(ctx, v: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, v: Tensor) -> Tensor:
         return torch.round(v)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> Tensor:
         return grad
 
 

@@ -46,7 +46,10 @@ def check_x_max(x_max: object, x: Tensor) -> Tensor:
     if x_max.device.type == "cpu" and not torch.compiler.is_compiling():
         value = float(x_max.detach().reshape(()))
         if not (value > 0 and value < float("inf")):
-            raise ValueError(f"x_max must be positive and finite, got {value}; initialise the range first")
+            raise ValueError(
+                f"x_max must be positive and finite, got {value}: run the calibration forward first, or if the "
+                "range was learned down to this value, lower its learning rate"
+            )
     return x_max
 
 

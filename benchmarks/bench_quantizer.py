@@ -118,7 +118,8 @@ def run_point(fn: Callable[..., Tensor], case: Case, mode: str, device: str, rep
                 fn(case.x, case.x_max, case.gates, case.g2)
         return time_ms(step, device, reps)
     x = case.x.detach().requires_grad_()
-    leaves = [t.detach().requires_grad_() for t in (case.x_max, case.gates) + ((case.g2,) if case.g2 is not None else ())]
+    small = (case.x_max, case.gates) + ((case.g2,) if case.g2 is not None else ())
+    leaves = [t.detach().requires_grad_() for t in small]
     g2 = leaves[2] if case.g2 is not None else None
 
     def step():

@@ -81,16 +81,22 @@ def oracle_and_reference(x, x_max, gates, g2, grad, signed):
     return ref, hi
 
 
-def assert_a4(name, kernel, ref, hi):
-    """SPEC A4: error against float64 at most twice the fp32 reference's (plus a few ulps of scale)."""
+def assert_a4(name, kernel, ref, hi, n_terms=1, term_scale=1.0):
+    """SPEC A4: error against float64 at most twice the fp32 reference's, plus a rounding floor.
+
+    The floor is a few fp32 ulps of the value for elementwise outputs. A reduction over n_terms
+    terms of size ~term_scale also carries the fp32 rounding of its per-element terms, which the
+    kernel and the reference share but may cancel differently: a random walk of 4·eps·√n·term_scale.
+    """
     if kernel is None:
         assert ref is None
         return
     assert not torch.isnan(kernel).any(), f"{name}: NaN"
     k, r, h = kernel.double().cpu().reshape(-1), ref.double().cpu().reshape(-1), hi.double().cpu().reshape(-1)
-    scale = h.abs().max().item() + 1.0
+    eps = torch.finfo(torch.float32).eps
+    floor = 4 * eps * (h.abs().max().item() + 1.0) + 4 * eps * math.sqrt(n_terms) * term_scale
     err_k, err_r = (k - h).abs().max().item(), (r - h).abs().max().item()
-    assert err_k <= 2 * err_r + 4 * torch.finfo(torch.float32).eps * scale, f"{name}: {err_k} vs ref {err_r}"
+    assert err_k <= 2 * err_r + floor, f"{name}: {err_k} vs ref {err_r} (floor {floor})"
 
 
 def check_against_reference(device, backend, shape, signed, gates, with_g2, dtype=torch.float32):
@@ -100,8 +106,11 @@ def check_against_reference(device, backend, shape, signed, gates, with_g2, dtyp
     ref, hi = oracle_and_reference(x.cpu(), x_max.cpu(), g.cpu(), None if g2 is None else g2.cpu(), grad.cpu(), signed)
     assert out[0].dtype == x.dtype and out[0].shape == x.shape
     assert torch.equal(out[0].cpu(), ref[0]), "forward must be bit-exact with the reference"
-    for name, k, r, h in zip(("dx", "dx_max", "dgates", "dg2"), out[1:], ref[1:], hi[1:]):
-        assert_a4(name, k, r, h)
+    # Reduction sizes: x_max and gates over all elements, g2 over one channel; terms ~ |g|·(x_max + 1).
+    term_scale = (x_max.item() + 1.0) * grad.square().mean().sqrt().item()
+    sizes = (1, x.numel(), x.numel(), x.numel() // (shape[0] if with_g2 else 1))
+    for name, k, r, h, n in zip(("dx", "dx_max", "dgates", "dg2"), out[1:], ref[1:], hi[1:], sizes, strict=True):
+        assert_a4(name, k, r, h, n, term_scale)
     first_zero = next((i for i, v in enumerate(gates) if v == 0), 4)
     assert torch.all(out[3][first_zero:] == 0), "gate gradients at/above the first zero gate must be exactly 0"
 
@@ -155,7 +164,7 @@ def test_fixed_bit_matches_reference(device, backend, bits, signed):
     )[:3]
     assert torch.equal(out[0].cpu(), ref[0])
     assert_a4("dx", out[1], ref[1], hi[1])
-    assert_a4("dx_max", out[2], ref[2], hi[2])
+    assert_a4("dx_max", out[2], ref[2], hi[2], x.numel(), x_max.item() + 1.0)
 
 
 @pytest.mark.parametrize("device,backend", KERNELS, ids=KERNEL_IDS)
@@ -199,7 +208,7 @@ def test_reductions_are_deterministic(device, backend):
         second = run(lambda *a: bbkernels.bb_quantize(*a, signed=True, backend=backend), x, x_max, g, g2, grad)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -217,7 +226,7 @@ def test_closed_form_matches_autograd_of_reference(signed, depth):
         x.double(), x_max.double(), gates.double(), g2.double(), grad,
     )
     closed = reference.closed_form_grads(grad, x.double(), x_max.double(), gates.double(), g2.double(), signed=signed)
-    for name, a, c in zip(("dx", "dx_max", "dgates", "dg2"), auto[1:], closed):
+    for name, a, c in zip(("dx", "dx_max", "dgates", "dg2"), auto[1:], closed, strict=True):
         torch.testing.assert_close(c.reshape(a.shape), a, rtol=1e-9, atol=1e-9, msg=name)
 
 

@@ -1,0 +1,68 @@
+"""The ``bayesian-bits`` command line: ``bayesian-bits train ...`` (also ``python -m bayesian_bits.train ...``).
+
+Bad invocations, missing data and bad checkpoints end with exit status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .pipeline.errors import UsageError
+from .pipeline.options import add_train_arguments, check_train_options
+
+PROG = "bayesian-bits"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump): ``PROG: error: MESSAGE (see --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with its subcommands."""
+    parser = Parser(
+        prog=PROG,
+        description="Bayesian Bits: learned mixed-precision quantization and pruning "
+        "(van Baalen et al., NeurIPS 2020).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    train = commands.add_parser(
+        "train",
+        help="train (and fine-tune) a quantized model on mnist, cifar10 or imagenet",
+        description="Train a Bayesian Bits model. Accepts the reference implementation's flags under the same "
+        "names, defaults and meanings, so its README commands run with only the program name changed. "
+        "Multi-GPU: launch with torchrun --nproc_per_node N -m bayesian_bits.train ...",
+    )
+    add_train_arguments(train)
+    return parser
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line."""
+    return " ".join(str(text).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bayesian-bits`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_train_options(args)
+        from .pipeline.runner import run  # heavy imports only once the command line is valid
+
+        run(args)
+    except UsageError as exc:
+        print(f"{PROG} {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = f"; continue with --resume {args.logdir}/last.pth" if getattr(args, "logdir", None) else ""
+        print(f"{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Fixed-gate fine-tuning conversion (SPEC B §6.9, with A2's fixes: linear layers too, masks and bits saved)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import bn_fold
+from .layers import QuantLayer
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer
+
+
+def _fixed(q: BayesianBitsQuantizer) -> FixedQuantizer:
+    bits = 0 if (q.prune_only and not q.fixed_bits) else q.bit_width()  # prune-only weights stay float
+    return FixedQuantizer(q.x_max, signed=q._signed, bits=bits, mask=q.keep_mask())
+
+
+@torch.no_grad()
+def convert_to_fixed(model: nn.Module) -> nn.Module:
+    """Turn a calibrated (trained) Bayesian Bits model into its fixed-gate version, in place, and return it.
+
+    Every gated quantizer becomes a `FixedQuantizer` with the eval bit width, the eval prune mask (fixed) and
+    its x_max (a fresh parameter that keeps learning); the gammas disappear. Every folded BN is folded
+    statically into its conv or linear layer (weight W·γ/σ_run, bias β − γ·μ_run/σ_run), freezing its statistics.
+    Build optimizers after calling this.
+    """
+    for name, q in list(model.named_modules()):
+        if isinstance(q, BayesianBitsQuantizer):
+            if not q._initialized:
+                raise RuntimeError(f"quantizer {name} was never calibrated; run calibrate(model, images) first")
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, _fixed(q))
+    for layer in model.modules():
+        if isinstance(layer, QuantLayer) and layer.bn is not None:
+            bn_fold.static_fold(layer, layer.bn)
+            layer.bn = None
+    return model

@@ -1,0 +1,44 @@
+"""Hard-concrete (L0) gates: training samples, the eval threshold and the probability of being on (SPEC B §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+BETA = 2.0 / 3.0  # hard-concrete temperature β_hc
+ZETA = 1.1
+GAMMA_HC = -0.1
+THRESHOLD = 0.34  # eval: gate on iff P(z = 0) < 0.34 (§1.9)
+OFFSET = BETA * math.log(-GAMMA_HC / ZETA)  # −1.5985968…, log-odds shift of P(z = 0)
+SKIP_BELOW = -2.0  # gamma <= −2 ends the gate chain (§1.8)
+
+
+def sample(gamma: Tensor) -> Tensor:
+    """One stretched-and-clamped hard-concrete sample per entry of `gamma` (gating method 'l0')."""
+    u = torch.rand_like(gamma)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + gamma) / BETA)
+    return torch.clamp(s * (ZETA - GAMMA_HC) + GAMMA_HC, 0.0, 1.0)
+
+
+def hard_sigmoid(gamma: Tensor) -> Tensor:
+    """The deterministic training gate of gating method 'fixed'."""
+    return torch.clamp(torch.sigmoid(gamma / BETA) * (ZETA - GAMMA_HC) + GAMMA_HC, 0.0, 1.0)
+
+
+def eval_gate(gamma: Tensor) -> Tensor:
+    """0/1 gates of eval mode: on iff P(z = 0) = σ(offset − gamma) < 0.34, i.e. gamma > −0.9353 (§1.9)."""
+    return (torch.sigmoid(OFFSET - gamma) < THRESHOLD).to(gamma.dtype)
+
+
+def prob_on(gamma: Tensor) -> Tensor:
+    """q(gamma) = P(z ≠ 0) = σ(gamma − offset), the probability the regulariser uses (§2)."""
+    return torch.sigmoid(gamma - OFFSET)
+
+
+def gate(gamma: Tensor, *, training: bool, method: str) -> Tensor:
+    """Gate values for logits `gamma`: a sample ('l0') or hard sigmoid ('fixed') in training, 0/1 in eval."""
+    if not training:
+        return eval_gate(gamma)
+    return sample(gamma) if method == "l0" else hard_sigmoid(gamma)

@@ -1,0 +1,1 @@
+"""The training pipeline behind ``bayesian-bits train``: options, data, optimisation, checkpoints and reports."""

@@ -1,0 +1,167 @@
+"""The ``train`` flags: the reference's flags (§6.1) under their names and defaults, plus this project's extras."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import UsageError
+from .experiments import EXPERIMENTS, MODELS
+from .optim import OPTIMIZERS
+from .schedules import SCHEDULE_HELP, parse_lr_schedule
+
+DEBUG_BATCHES = 11  # --debug: each epoch stops after this many batches (reference behaviour)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register every ``train`` flag on ``parser``."""
+    ref = parser.add_argument_group("experiment (reference flags)")
+    ref.add_argument("--experiment", required=True, choices=list(EXPERIMENTS), help="dataset and model family")
+    ref.add_argument(
+        "--data-dir",
+        required=True,
+        help="dataset root: MNIST and CIFAR-10 are downloaded here when missing; ImageNet must be at "
+        "DATA_DIR/imagenet_raw/{train,val}/<class>/<image>",
+    )
+    ref.add_argument(
+        "--model", required=True, choices=list(MODELS), help="lenet5quantized (mnist), vggquantized (cifar10), "
+        "resnet18 or mobilenetv2 (imagenet)"
+    )
+    ref.add_argument("--method", default="bayesian_bits", choices=["bayesian_bits"], help="the only method")
+    ref.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights "
+                     "(resnet18, mobilenetv2; fetched into the torch hub cache when missing)")
+    ref.add_argument("--batch-size", type=int, default=64, help="global batch size, train and eval (default 64); "
+                     "under torchrun each process takes BATCH_SIZE / WORLD_SIZE")
+    ref.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
+    ref.add_argument("--eval-every", type=int, default=5,
+                     help="epochs between evaluations and BOP tables (default 5; the last epoch is always evaluated)")
+    ref.add_argument("--n-workers", "--workers", dest="n_workers", type=int, default=None,
+                     help="data-loader worker processes (default: 2 mnist, 1 cifar10, min(64, CPUs) imagenet)")
+
+    opt = parser.add_argument_group("optimisation (reference flags)")
+    opt.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="weights optimizer (default SGD, "
+                     "always momentum 0.9 with Nesterov)")
+    opt.add_argument("--learning-rate", type=float, default=1e-2, help="weights learning rate (default 1e-2)")
+    opt.add_argument("--optimizer-q", default=None, choices=OPTIMIZERS,
+                     help="gates (gamma_*) optimizer (default: the weights optimizer)")
+    opt.add_argument("--learning-rate-q", type=float, default=None,
+                     help="gates learning rate; unset: the gates join the weights optimizer")
+    opt.add_argument("--optimizer-s", default=None, choices=OPTIMIZERS,
+                     help="ranges (x_max) optimizer (default: the previous group's optimizer)")
+    opt.add_argument("--learning-rate-s", type=float, default=None,
+                     help="ranges learning rate; unset: the ranges join the previous group's optimizer")
+    opt.add_argument("--lr-schedule", default=None,
+                     help=f"learning-rate schedule, stepped per epoch: {SCHEDULE_HELP}. "
+                     "Default: 'linear' for mnist/cifar10, 'multistep:10:20:40' for imagenet")
+    opt.add_argument("--weight-decay", type=float, default=0.0,
+                     help="explicit L2 term weight_decay * 1/2 sum(theta^2) over the weights group (default 0)")
+    opt.add_argument("--learn", default="wgs",
+                     help="what to train: w weights, g gates, s ranges, b biases only (not with w); default wgs")
+
+    bb = parser.add_argument_group("Bayesian Bits (reference flags)")
+    bb.add_argument("--gating-lambda", type=float, default=0.0, help="regulariser strength (README 'MU'; default 0)")
+    bb.add_argument("--gating-method", default="l0", choices=["l0", "fixed"],
+                    help="training gates: l0 = stochastic hard-concrete (default), fixed = hard sigmoid")
+    for bits in (4, 8, 16, 32):
+        bb.add_argument(f"--gamma-{bits}-init", type=float, default=6.0,
+                        help=f"initial logit of the {bits}-bit gates (default 6)")
+    bb.add_argument("--reg-type", default="const", choices=["const", "bop"],
+                    help="regulariser level cost: const = 1 per level, bop = bit width x MACs / max MACs")
+    bb.add_argument("--learned-scale", default=None,
+                    help="'range' learns each quantizer's x_max; unset keeps the calibrated x_max fixed "
+                    "(the reference's 'scale' mode is buggy and not implemented)")
+    bb.add_argument("--weight-quant", action=argparse.BooleanOptionalAction, default=True,
+                    help="quantize weights (default on)")
+    bb.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=True,
+                    help="quantize activations (default on); with either off, gates and ranges are not trained")
+    bb.add_argument("--include-pruning", action="store_true", help="per-output-channel pruning gates on weights")
+    bb.add_argument("--prune-only", action="store_true",
+                    help="prune without quantizing (needs --include-pruning); with --fixed-8bit/--fixed-48bit: "
+                    "fixed-bit quantization plus learned pruning")
+    bb.add_argument("--fixed-8bit", action="store_true", help="fixed W8A8 quantization with learned ranges")
+    bb.add_argument("--fixed-48bit", action="store_true", help="fixed W4A8 quantization with learned ranges")
+    bb.add_argument("--static-fold-bn", action="store_true",
+                    help="fold BatchNorm with its running statistics from the start (statistics frozen)")
+    bb.add_argument("--checkpointing", action="store_true",
+                    help="accepted for the reference's commands and otherwise a no-op: the fused quantize-and-gate "
+                    "operator already saves only its input for the backward pass")
+    bb.add_argument("--fixed-gate-finetune-epochs", type=int, default=0,
+                    help="after training, freeze the gates (fixed bit widths and prune masks), fold BN and fine-tune "
+                    "this many epochs (SGD 1e-4 weights, Adam 1e-4 ranges, cosine per iteration; default 0)")
+
+    out = parser.add_argument_group("output and state")
+    out.add_argument("--logdir", default=None,
+                     help="output folder (created): log, metrics.jsonl, summary.json, plots, checkpoints; "
+                     "unset: nothing is written")
+    out.add_argument("--make-subdir", action="store_true", help="write into a timestamped subfolder of --logdir")
+    out.add_argument("--save-checkpoints", action="store_true",
+                     help="keep every epoch's checkpoint (epoch_K.pth, epoch_FT-K.pth); without it only the "
+                     "latest (last.pth) and the final ones (epoch_FINAL_PRE_FT.pth, epoch_FINAL.pth) are kept")
+    out.add_argument("--log-every", type=int, default=None,
+                     help="also write a progress line to the log every N iterations (default: epoch summaries only)")
+    out.add_argument("--debug", action="store_true",
+                     help=f"quick check: each epoch stops after {DEBUG_BATCHES} batches and nothing is written")
+    out.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and report its BOPs; no training")
+    out.add_argument("--checkpoint", default=None, help="checkpoint to evaluate with --eval-only")
+    out.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                     help="continue an interrupted run from its checkpoint (e.g. LOGDIR/last.pth); pass the same flags")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--seed", type=int, default=0, help="random seed; runs are deterministic on CPU (default 0)")
+    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu); "
+                     "under torchrun each process uses cuda:LOCAL_RANK")
+    run.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="CUDA mixed precision autocast")
+
+    test = parser.add_argument_group("test hooks (smoke runs only; no accuracy is ever claimed from them)")
+    test.add_argument("--synthetic", type=int, default=None, metavar="N",
+                      help="replace the dataset with N random images per split of the experiment's shape")
+    test.add_argument("--synthetic-image-size", type=int, default=None, metavar="S",
+                      help="side of the synthetic images (default: the experiment's); needs --synthetic")
+    test.add_argument("--max-batches", type=int, default=None, metavar="N",
+                      help="stop each training epoch after N batches")
+
+
+def _positive(args: argparse.Namespace, name: str, minimum: int) -> None:
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+        raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def check_train_options(args: argparse.Namespace) -> None:
+    """Reject contradictory or impossible combinations with a ``UsageError`` naming the flag and the fix."""
+    for name, minimum in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("n_workers", 0),
+                          ("fixed_gate_finetune_epochs", 0), ("log_every", 1), ("synthetic", 1),
+                          ("synthetic_image_size", 8), ("max_batches", 1)):
+        _positive(args, name, minimum)
+    if args.pretrained and args.model not in ("resnet18", "mobilenetv2"):
+        raise UsageError(f"--pretrained: {args.model} has no pretrained weights (it is trained from scratch); "
+                         "drop --pretrained")
+    if args.prune_only and not args.include_pruning:
+        raise UsageError("--prune-only needs --include-pruning; add --include-pruning")
+    if args.fixed_8bit and args.fixed_48bit:
+        raise UsageError("--fixed-8bit and --fixed-48bit are mutually exclusive; pass at most one")
+    if args.learned_scale not in (None, "range"):
+        raise UsageError(
+            f"--learned-scale {args.learned_scale!r} is not supported; use --learned-scale range "
+            "(the reference's 'scale' mode is buggy and not implemented)"
+        )
+    learn = args.learn
+    if not learn or set(learn) - set("wgsb") or len(set(learn)) != len(learn):
+        raise UsageError(f"--learn {learn!r}: use letters from w (weights), g (gates), s (ranges), b (biases only)")
+    if "w" in learn and "b" in learn:
+        raise UsageError("--learn: 'b' (biases only) and 'w' (all weights) are mutually exclusive; keep one")
+    if args.lr_schedule is not None:
+        parse_lr_schedule(args.lr_schedule)
+    if args.eval_only and args.checkpoint is None:
+        raise UsageError("--eval-only needs --checkpoint PATH (a checkpoint written by bayesian-bits train)")
+    if args.checkpoint is not None and not args.eval_only:
+        raise UsageError("--checkpoint is read only with --eval-only; to continue training use --resume")
+    if args.eval_only and args.resume is not None:
+        raise UsageError("--eval-only and --resume exclude each other; use --checkpoint with --eval-only")
+    if args.debug and args.logdir is not None:
+        raise UsageError("--debug writes nothing; drop --logdir (or --debug)")
+    if args.synthetic_image_size is not None and args.synthetic is None:
+        raise UsageError("--synthetic-image-size needs --synthetic N")
+    if args.make_subdir and args.logdir is None:
+        raise UsageError("--make-subdir needs --logdir")
+    if args.save_checkpoints and args.logdir is None:
+        raise UsageError("--save-checkpoints needs --logdir")

@@ -1,0 +1,58 @@
+"""PNG plots of a run (matplotlib, Agg): per-layer bit widths with kept channels; top-1 and relative BOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+BITS_PNG = "bits_per_layer.png"
+CURVES_PNG = "training_curves.png"
+
+
+def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Bars of weight and activation bits per layer; the kept-channel fraction on a second axis."""
+    names = [row["name"] for row in layers]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    width = 0.4
+    ax.bar([x - width / 2 for x in xs], [row.get("weight_bits") or 0 for row in layers], width, label="weight bits")
+    ax.bar([x + width / 2 for x in xs], [row.get("act_bits") or 0 for row in layers], width, label="activation bits")
+    ax.set_yscale("log", base=2)
+    ax.set_yticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])
+    ax.set_ylim(1.5, 48)
+    ax.set_ylabel("bits")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    kept = ax.twinx()
+    kept.plot(list(xs), [row["kept_out_pct"] / 100 for row in layers], "k.-", label="kept output channels")
+    kept.set_ylim(0, 1.05)
+    kept.set_ylabel("fraction of output channels kept")
+    handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Top-1 (left axis) and relative BOPs (right axis, log) over the evaluated epochs."""
+    evaluated = [r for r in records if r.get("top1") is not None]
+    xs = [r["index"] for r in evaluated]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(xs, [r["top1"] for r in evaluated], "C0o-", label="top-1 %")
+    ax.set_xlabel("epoch (training, then fine-tuning)")
+    ax.set_ylabel("top-1 accuracy (%)", color="C0")
+    bops = ax.twinx()
+    bops.plot(xs, [r["relative_bops"] for r in evaluated], "C1s-", label="relative BOPs %")
+    bops.set_yscale("log")
+    bops.set_ylabel("relative BOPs vs W32A32 (%)", color="C1")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

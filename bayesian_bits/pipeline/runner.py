@@ -1,0 +1,399 @@
+"""``bayesian-bits train``: start-up (§6.2), the training epochs, fixed-gate fine-tuning (§6.9) and the outputs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import data
+from ..bops import assign_macs, bop_report, format_report
+from ..calibration import calibrate, freeze_batch_norm
+from ..config import QuantConfig
+from ..finetune import convert_to_fixed
+from ..models import build_model
+from ..regularizer import regularizer
+from . import checkpoint, plots
+from .distributed import DistEnv, broadcast_object, gather_objects, setup, teardown
+from .errors import DataError, UsageError
+from .experiments import Experiment, get_experiment
+from .loop import StepSettings, TrainingModule, evaluate, train_epoch
+from .metrics import RunLog, read_metrics
+from .optim import build_finetune_optimizers, build_optimizers, group_settings, select_kinds, split_parameters
+from .options import DEBUG_BATCHES
+from .schedules import ScheduleSpec, build_finetune_schedulers, build_schedulers, parse_lr_schedule
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CALIBRATION_IMAGES = 2  # §6.2 step 5
+# Options a resumed run must share with the run that wrote the checkpoint (they change the model's structure).
+STRUCTURAL = ("experiment", "model", "include_pruning", "prune_only", "fixed_8bit", "fixed_48bit", "weight_quant",
+              "act_quant", "learned_scale", "synthetic_image_size")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the global stream other code may draw from
+    random.seed(seed)
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The model's ``QuantConfig`` from the command line."""
+    return QuantConfig(
+        gamma_4_init=args.gamma_4_init,
+        gamma_8_init=args.gamma_8_init,
+        gamma_16_init=args.gamma_16_init,
+        gamma_32_init=args.gamma_32_init,
+        include_pruning=args.include_pruning,
+        prune_only=args.prune_only,
+        fixed_8bit=args.fixed_8bit,
+        fixed_48bit=args.fixed_48bit,
+        weight_quant=args.weight_quant,
+        act_quant=args.act_quant,
+        gating_method=args.gating_method,
+        reg_type=args.reg_type,
+        learned_scale=args.learned_scale,
+    )
+
+
+def layer_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """The per-layer entry of summary.json: bit widths, kept channels and MACs."""
+    keys = ("name", "weight_bits", "act_bits", "input_bits", "kept_out_pct", "kept_in_pct", "macs", "gbops")
+    return {k: row[k] for k in keys}
+
+
+@dataclass
+class Phase:
+    """The optimisation state of one phase: ``train`` (gated) or ``finetune`` (fixed gates)."""
+
+    name: str
+    epochs: int
+    optimizers: dict[str, torch.optim.Optimizer]
+    epoch_schedulers: dict[str, Any] = field(default_factory=dict)
+    step_schedulers: dict[str, Any] = field(default_factory=dict)
+    done: int = 0  # completed epochs of this phase
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in {**self.epoch_schedulers, **self.step_schedulers}.items()},
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in {**self.epoch_schedulers, **self.step_schedulers}.items():
+            s.load_state_dict(state["schedulers"][k])
+
+
+class Run:
+    """One invocation of ``train``: holds the model, data, phases and outputs of this process."""
+
+    def __init__(self, args: argparse.Namespace, exp: Experiment, schedule: ScheduleSpec, env: DistEnv) -> None:
+        self.args, self.exp, self.schedule, self.env = args, exp, schedule, env
+        self.start = time.perf_counter()
+        if args.amp and env.device.type != "cuda":
+            raise UsageError(f"--amp {args.amp} needs a CUDA device (this run uses {env.device}); drop --amp")
+        self.amp_dtype = AMP_DTYPES.get(args.amp) if args.amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+        if args.batch_size % env.world:
+            raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {env.world} processes; "
+                             f"use a multiple of {env.world}")
+        self.batch = args.batch_size // env.world
+        self.max_batches = DEBUG_BATCHES if args.debug else args.max_batches
+        self.logdir = self._make_logdir()
+        self.log = RunLog(self.logdir, env.is_main)
+        self.index = 0  # completed epochs over both phases
+        self.last_top1: float | None = None
+
+    # ----- set-up -------------------------------------------------------------------------------------------
+    def _make_logdir(self) -> Path | None:
+        if self.args.logdir is None or not self.env.is_main:
+            return None
+        logdir = Path(self.args.logdir)
+        if self.args.make_subdir:
+            logdir = logdir / datetime.now().strftime("%Y%m%d-%H%M%S")
+        try:
+            logdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--logdir {logdir} cannot be created ({exc}); pass a writable folder") from None
+        return logdir
+
+    def build_data(self) -> None:
+        args, env = self.args, self.env
+
+        def datasets() -> tuple[Any, Any]:
+            return data.build_datasets(self.exp, args.data_dir, args.synthetic, args.synthetic_image_size)
+
+        # Rank 0 downloads and verifies first; the others then read the files, or stop with rank 0's error.
+        failure = None
+        if env.is_main:
+            try:
+                self.train_set, self.val_set = datasets()
+            except DataError as exc:
+                failure = str(exc)
+        failure = broadcast_object(env, failure)
+        if failure is not None:
+            raise DataError(failure)
+        if not env.is_main:
+            self.train_set, self.val_set = datasets()
+        workers = args.n_workers
+        if workers is None:
+            workers = max(1, min(self.exp.default_workers, (os.cpu_count() or 1) // env.world))
+        pin = env.device.type == "cuda"
+        self.train_loader = data.train_loader(self.train_set, self.batch, workers, env.rank, env.world,
+                                              args.seed, pin)
+        self.val_loader = data.eval_loader(self.val_set, self.batch, workers, env.rank, env.world, pin)
+
+    def build_model(self) -> None:
+        """Build, calibrate on 2 training images (same on every rank), optionally freeze BN, assign MACs."""
+        args = self.args
+        seed_everything(args.seed)
+        try:
+            self.model = build_model(args.model, quant_config(args), pretrained=args.pretrained)
+        except RuntimeError as exc:  # pretrained weights that cannot be fetched
+            if not args.pretrained:
+                raise
+            raise UsageError(f"--pretrained: {exc}") from None
+        self.model.to(self.env.device)
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(args.seed))
+        images = torch.stack([self.train_set[int(i)][0] for i in order[:CALIBRATION_IMAGES]])
+        calibrate(self.model, images.to(self.env.device))
+        if args.static_fold_bn:
+            freeze_batch_norm(self.model)
+        self.mac_shape = self.exp.input_shape(args.synthetic_image_size)
+        if args.reg_type == "bop":
+            assign_macs(self.model, self.mac_shape)
+
+    def main_phase(self) -> Phase:
+        args = self.args
+        settings = group_settings(args.optimizer, args.learning_rate, args.optimizer_q, args.learning_rate_q,
+                                  args.optimizer_s, args.learning_rate_s)
+        learn = select_kinds(args.learn, args.weight_quant and args.act_quant)
+        optimizers = build_optimizers(self.model, settings, learn)
+        return Phase("train", args.epochs, optimizers, build_schedulers(self.schedule, optimizers, args.epochs))
+
+    def finetune_phase(self, steps_per_epoch: int) -> Phase:
+        epochs = self.args.fixed_gate_finetune_epochs
+        optimizers = build_finetune_optimizers(self.model)
+        return Phase("finetune", epochs, optimizers,
+                     step_schedulers=build_finetune_schedulers(optimizers, epochs * steps_per_epoch))
+
+    def wrap(self, with_regularizer: bool) -> nn.Module:
+        """The module the loop trains: model + loss terms, DDP-wrapped under torchrun."""
+        decayed = [p for _, p in split_parameters(self.model)["weight"]] if self.args.weight_decay else []
+        module = TrainingModule(self.model, regularizer if with_regularizer else None,
+                                decayed if with_regularizer else [])
+        if self.env.distributed:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+        return module
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+    def save(self, phase: Phase, names: list[str], pre_ft_model: dict[str, Any] | None) -> None:
+        rng = gather_objects(self.env, checkpoint.rng_state())
+        if self.logdir is None:
+            return
+        state = {
+            "phase": phase.name,
+            "epoch": phase.done,
+            "index": self.index,
+            "model": self.model.state_dict(),
+            "pre_ft_model": pre_ft_model,
+            **phase.state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng,
+            "options": vars(self.args),
+            "last_top1": self.last_top1,
+        }
+        for name in names:
+            checkpoint.save_atomic(state, self.logdir / name)
+
+    def check_compatible(self, ckpt: dict[str, Any], flag: str) -> None:
+        old = ckpt.get("options", {})
+        for key in STRUCTURAL:
+            if key in old and old[key] != getattr(self.args, key):
+                raise UsageError(f"{flag}: the checkpoint was written with {key}={old[key]!r} but this run has "
+                                 f"{getattr(self.args, key)!r}; pass the flags of the original run")
+
+    def load_model_state(self, ckpt: dict[str, Any]) -> None:
+        """Load weights; a fine-tuning checkpoint first restores the gated model, then converts it."""
+        if ckpt["phase"] == "finetune":
+            self.model.load_state_dict(ckpt["pre_ft_model"])
+            convert_to_fixed(self.model)
+            self.model.to(self.env.device)
+        self.model.load_state_dict(ckpt["model"])
+
+    def restore_rng(self, ckpt: dict[str, Any]) -> None:
+        states = ckpt["rng"]
+        if len(states) == self.env.world:
+            checkpoint.set_rng_state(states[self.env.rank])
+        else:
+            self.log.line(f"note: checkpoint has RNG states of {len(states)} processes, this run has "
+                          f"{self.env.world}; random streams are reseeded")
+            seed_everything(self.args.seed + 1 + self.env.rank + 1000 * ckpt["index"])
+
+    # ----- reporting ----------------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        return bop_report(self.model, self.mac_shape)
+
+    def evaluate(self, tag: str) -> tuple[float, dict[str, Any]]:
+        report = self.report()
+        self.log.line(format_report(report))
+        top1 = evaluate(self.model, self.val_loader, self.env, self.amp_dtype)
+        self.log.line(f"{tag} Top-1-accuracy: {top1:.2f} %")
+        self.last_top1 = top1
+        return top1, report
+
+    def record(self, phase: Phase, stats: Any, top1: float | None, report: dict[str, Any] | None) -> None:
+        lrs = {k: o.param_groups[0]["lr"] for k, o in phase.optimizers.items()}
+        record = {"index": self.index, "phase": phase.name, "epoch": phase.done, "lr": lrs}
+        if stats is not None:
+            record.update(loss=stats.loss, ce=stats.ce, reg=stats.reg, images_per_s=stats.images_per_s,
+                          seconds=stats.seconds)
+        if top1 is not None and report is not None:
+            record.update(top1=top1, relative_bops=report["relative_bops"], gbops=report["gbops"])
+        self.log.metrics(record)
+
+    # ----- phases -------------------------------------------------------------------------------------------
+    def run_phase(self, phase: Phase, module: nn.Module, pre_ft_model: dict[str, Any] | None) -> None:
+        args = self.args
+        settings = StepSettings(args.gating_lambda if phase.name == "train" else 0.0,
+                                args.weight_decay if phase.name == "train" else 0.0,
+                                self.amp_dtype, self.scaler, self.max_batches)
+        while phase.done < phase.epochs:
+            epoch = phase.done
+            self.train_loader.sampler.set_epoch(self.index)
+            label = "Epoch" if phase.name == "train" else "Fine-tune epoch"
+            stats = train_epoch(module, self.train_loader, list(phase.optimizers.values()),
+                                list(phase.step_schedulers.values()), settings, self.env,
+                                desc=f"[{label} {epoch + 1}/{phase.epochs}]", log_line=self.log.line,
+                                log_every=args.log_every)
+            self.log.line(f"[{label} {epoch + 1}/{phase.epochs}] avg_loss {stats.loss:.4f} avg_ce {stats.ce:.4f} "
+                          f"avg_reg {stats.reg:.4f} ({stats.seconds:.1f} s, {stats.images_per_s:.0f} img/s)")
+            top1 = report = None
+            last = epoch + 1 == phase.epochs
+            if phase.name == "finetune" or last or (epoch + 1) % args.eval_every == 0:
+                top1, report = self.evaluate(f"{label} {epoch + 1}")
+            for sched in phase.epoch_schedulers.values():
+                sched.step()
+            phase.done += 1
+            self.index += 1
+            self.record(phase, stats, top1, report)
+            tag = str(phase.done) if phase.name == "train" else f"FT-{phase.done}"
+            names = ["last.pth"] + ([f"epoch_{tag}.pth"] if args.save_checkpoints else [])
+            self.save(phase, names, pre_ft_model)
+
+    def finish(self, phase: Phase, pre_ft_model: dict[str, Any] | None) -> dict[str, Any]:
+        top1 = self.last_top1
+        if top1 is None:  # --epochs 0: evaluate the calibrated (or loaded) model once
+            top1, _ = self.evaluate("Initial")
+        report = self.report()  # the model's state at the end (equal to the last evaluation's)
+        if not self.args.eval_only:
+            self.save(phase, ["epoch_FINAL.pth"], pre_ft_model)
+        summary = {
+            "top1": top1,
+            "relative_bops": report["relative_bops"],
+            "gbops": report["gbops"],
+            "layers": [layer_summary(row) for row in report["layers"]],
+            "experiment": self.args.experiment,
+            "model": self.args.model,
+            "synthetic": self.args.synthetic is not None,
+            "epochs": self.args.epochs,
+            "finetune_epochs": self.args.fixed_gate_finetune_epochs,
+            "world_size": self.env.world,
+            "device": str(self.env.device),
+            "wall_time_s": time.perf_counter() - self.start,
+            "command": shlex.join(sys.argv),
+        }
+        self.log.summary(summary)
+        if self.logdir is not None:
+            title = f"{self.args.model} on {self.args.experiment}" + (" (synthetic data)" if self.args.synthetic
+                                                                         else "")
+            plots.plot_layers(summary["layers"], self.logdir / plots.BITS_PNG,
+                              f"{title}: {top1:.2f}% top-1, {report['relative_bops']:.2f}% BOPs")
+            plots.plot_curves(read_metrics(self.logdir), self.logdir / plots.CURVES_PNG, title)
+        self.log.line(f"Done in {summary['wall_time_s']:.0f} s: top-1 {top1:.2f} %, relative BOPs "
+                      f"{report['relative_bops']:.2f} %, {report['gbops']:.3g} GBOPs")
+        return summary
+
+    def execute(self) -> dict[str, Any]:
+        args = self.args
+        ckpt = None  # read first: a bad path fails before any data or model work
+        if args.eval_only:
+            ckpt = checkpoint.load(args.checkpoint, "--checkpoint")
+            self.check_compatible(ckpt, "--checkpoint")
+        elif args.resume is not None:
+            ckpt = checkpoint.load(args.resume, "--resume")
+            self.check_compatible(ckpt, "--resume")
+            if ckpt["phase"] == "finetune" and args.fixed_gate_finetune_epochs == 0:
+                raise UsageError(f"--resume {args.resume} is a fine-tuning checkpoint; pass the original "
+                                 "--fixed-gate-finetune-epochs N")
+        self.build_data()
+        self.build_model()
+        self.log.line(f"Command: {shlex.join(sys.argv)}")
+        self.log.line(repr(self.model))
+        if ckpt is not None:
+            self.load_model_state(ckpt)
+        if args.eval_only:
+            self.evaluate("Eval-only")
+            return self.finish(Phase("eval", 0, {}), None)
+        if ckpt is None:
+            self.log.line(format_report(self.report()))
+        else:
+            self.log.rewind(ckpt["index"])
+        seed_everything(args.seed + 1 + self.env.rank)  # per-process streams: gate samples, augmentation
+
+        pre_ft_model = None
+        phase = self.main_phase()
+        if ckpt is not None and ckpt["phase"] == "train":
+            phase.load(ckpt)
+            phase.done = ckpt["epoch"]
+        if ckpt is None or ckpt["phase"] == "train":
+            if ckpt is not None:
+                self.index, self.last_top1 = ckpt["index"], ckpt["last_top1"]
+                self.restore_rng(ckpt)
+            self.run_phase(phase, self.wrap(with_regularizer=True), None)
+
+        if args.fixed_gate_finetune_epochs > 0:
+            steps = len(self.train_loader) if self.max_batches is None else min(len(self.train_loader),
+                                                                                 self.max_batches)
+            if ckpt is not None and ckpt["phase"] == "finetune":
+                pre_ft_model = ckpt["pre_ft_model"]
+                phase = self.finetune_phase(steps)
+                phase.load(ckpt)
+                phase.done = ckpt["epoch"]
+                self.index, self.last_top1 = ckpt["index"], ckpt["last_top1"]
+                self.restore_rng(ckpt)
+            else:
+                self.save(phase, ["epoch_FINAL_PRE_FT.pth"], None)
+                pre_ft_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                convert_to_fixed(self.model)
+                self.model.to(self.env.device)
+                self.evaluate("After fixing the gates")
+                phase = self.finetune_phase(steps)
+            self.run_phase(phase, self.wrap(with_regularizer=False), pre_ft_model)
+        return self.finish(phase, pre_ft_model)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``train`` with parsed and checked ``args``; returns the summary (also written to summary.json)."""
+    exp = get_experiment(args.experiment, args.model)
+    schedule = parse_lr_schedule(args.lr_schedule or exp.default_lr_schedule)
+    env = setup(args.device)
+    try:
+        return Run(args, exp, schedule, env).execute()
+    finally:
+        teardown(env)

@@ -1,0 +1,224 @@
+"""The four models: structure, MAC tables, float→quantized conversion, bad input, checkpoints (SPEC B §3.7, §5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bayesian_bits as bb
+from bayesian_bits import models
+from bayesian_bits.models import build_float_model, build_model, torchvision_model
+
+RESNET_MACS_3X3, RESNET_MACS_3X3_S2, RESNET_MACS_DS = 115_605_504, 57_802_752, 6_422_528
+SMALL_IMAGENET = (2, 3, 64, 64)
+
+
+def calibrated(name: str, config: bb.QuantConfig, shape: tuple[int, ...]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, config)
+    bb.calibrate(model, torch.rand(shape))
+    return model
+
+
+# ---- MAC tables (§3.7), counted at the spec's batch-1 input shapes ----
+
+
+def test_lenet5_macs():
+    macs = bb.count_macs(build_float_model("lenet5quantized"))
+    assert macs == {"features.0": 460_800, "features.2": 3_276_800, "classifier.0": 524_288, "classifier.1": 5_120}
+    assert sum(macs.values()) == 4_267_008
+
+
+def test_vgg7_macs():
+    macs = bb.count_macs(build_float_model("vggquantized"))
+    big, half = 150_994_944, 75_497_472
+    assert macs == {
+        "features.0": 3_538_944,
+        "features.1": big,
+        "features.3": half,
+        "features.4": big,
+        "features.6": half,
+        "features.7": big,
+        "classifier.0": 8_388_608,
+        "classifier.1": 10_240,
+    }
+    assert sum(macs.values()) == 615_917_568
+
+
+def test_resnet18_macs_on_the_quantized_model():
+    model = calibrated("resnet18", bb.QuantConfig(include_pruning=True), SMALL_IMAGENET)
+    macs = bb.count_macs(model)
+    assert sum(macs.values()) == 1_814_073_344 and max(macs.values()) == 118_013_952
+    assert macs.pop("features.0") == 118_013_952 and macs.pop("fc") == 512_000
+    for name, value in macs.items():
+        if "downsample" in name:
+            assert value == RESNET_MACS_DS, name
+        elif name.endswith(".0.features.0") and not name.startswith("features.2."):
+            assert value == RESNET_MACS_3X3_S2, name  # stride-2 first convs of layers 2–4
+        else:
+            assert value == RESNET_MACS_3X3, name
+    assert len(macs) == 19
+    assert model.training  # counting restores the mode
+
+
+def test_mobilenetv2_macs():
+    macs = bb.count_macs(build_float_model("mobilenetv2"))
+    assert sum(macs.values()) == 300_774_272
+    assert max(macs, key=macs.get) == "features.18" and macs["features.18"] == 20_070_400
+
+
+# ---- structure (§5) ----
+
+
+def test_parameter_counts():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(build_float_model("lenet5quantized")) == 582_026
+    assert count(build_float_model("vggquantized")) == 12_979_082
+
+
+def test_resnet18_quantizers_and_parameter_groups():
+    model = build_model("resnet18", bb.QuantConfig(include_pruning=True))
+    qs = bb.quantizers(model)
+    assert len(qs) == 49 and sum(q.gamma_2 is not None for _, q in qs) == 20
+    names = [n for n, _ in model.named_parameters()]
+    gate_names = [n for n in names if "gamma_" in n]
+    range_names = [n for n in names if "x_max" in n or "x_min" in n]
+    assert len(gate_names) == 216 and len(names) - len(gate_names) - len(range_names) == 62
+    assert len(range_names) == 49  # x_max only: x_min never enters the forward pass (§1.3), it is a buffer
+    assert model.fc.weight_quantizer.gamma_2 is None and model.fc.act_quantizer is None
+
+
+def test_mobilenetv2_quantizers_and_unpruned_depthwise():
+    model = build_model("mobilenetv2", bb.QuantConfig(include_pruning=True))
+    qs = dict(bb.quantizers(model))
+    assert len(qs) == 115
+    for name, layer in model.named_modules():
+        if isinstance(layer, bb.QuantConv2d) and layer.groups > 1:
+            assert layer.weight_quantizer.gamma_2 is None, name
+    assert sum(q.gamma_2 is not None for q in qs.values()) == 52 - 17
+    blocks = [m for m in model.features if isinstance(m, models.mobilenet.InvertedResidual)]
+    assert sum(b.act_quantizer is not None for b in blocks) == 10  # quantizers after the residual adds
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_float_to_quantized_conversion_carries_weights_and_bn_statistics(name):
+    torch.manual_seed(0)
+    tv = torchvision_model(name)
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    tv.eval()
+    twin = models.MODELS[name](None)
+    models.load_float_weights(twin, tv)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(twin.eval()(x), tv(x), rtol=1e-4, atol=1e-4)
+    quantized = models.MODELS[name](bb.QuantConfig())
+    models.load_float_weights(quantized, tv)
+    tv_bns = [m for m in tv.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    our_bns = [m.bn for m in quantized.modules() if isinstance(m, bb.QuantLayer) and m.bn is not None]
+    assert len(tv_bns) == len(our_bns)
+    for a, b in zip(tv_bns, our_bns, strict=True):
+        torch.testing.assert_close(a.running_var, b.running_var)
+        torch.testing.assert_close(a.weight, b.weight)
+
+
+def test_conversion_rejects_other_architectures():
+    with pytest.raises(ValueError, match="conv/linear layers"):
+        models.load_float_weights(models.ResNet18(None), torchvision_model("mobilenetv2"))
+
+
+def test_pretrained_download_failure_is_clear(monkeypatch):
+    def offline(weights=None):
+        raise OSError("network unreachable")
+
+    weights = models._TORCHVISION["resnet18"][1]
+    monkeypatch.setitem(models._TORCHVISION, "resnet18", (offline, weights))
+    with pytest.raises(RuntimeError, match=r"could not load torchvision's pretrained resnet18 weights.*download"):
+        build_model("resnet18", pretrained=True)
+    with pytest.raises(ValueError, match="trained from scratch"):
+        build_model("lenet5quantized", pretrained=True)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        build_model("resnet50")
+
+
+# ---- use: bad input, calibration, training step, checkpoints ----
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "match"),
+    [
+        ("lenet5quantized", (2, 3, 28, 28), r"N×1×28×28"),
+        ("lenet5quantized", (2, 1, 32, 32), r"N×1×28×28"),
+        ("vggquantized", (3, 32, 32), r"N×3×32×32"),
+        ("resnet18", (1, 1, 64, 64), r"N×3×H×W"),
+        ("mobilenetv2", (1, 4, 64, 64), r"N×3×H×W"),
+    ],
+)
+def test_wrong_input_shape(name, bad, match):
+    with pytest.raises(ValueError, match=match):
+        build_float_model(name)(torch.rand(bad))
+
+
+def test_integer_images_are_rejected():
+    with pytest.raises(TypeError, match="floating-point"):
+        build_float_model("lenet5quantized")(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_model_before_calibration_raises():
+    model = build_model("lenet5quantized")
+    with pytest.raises(RuntimeError, match="calibrate"):
+        model(torch.rand(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize(("name", "shape"), [("resnet18", SMALL_IMAGENET), ("mobilenetv2", (2, 3, 32, 32))])
+def test_imagenet_models_train_step_and_eval(name, shape):
+    model = calibrated(name, bb.QuantConfig(6, 6, 6, -6, include_pruning=True), shape)
+    x = torch.rand(shape)
+    loss = model(x).logsumexp(1).mean() + 0.01 * bb.regularizer(model)
+    loss.backward()
+    q = model.features[0].weight_quantizer
+    assert q.gamma_2.grad is not None and q.x_max.grad is not None and q.gamma_4.grad is not None
+    assert q.gamma_32.grad.abs().item() < 1e-3  # skipped gate: regulariser gradient only
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_state_dict_round_trip_restores_identical_eval_model():
+    config = bb.QuantConfig(6, 6, -6, -6, include_pruning=True)
+    model = calibrated("lenet5quantized", config, (2, 1, 28, 28))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.rand(8, 1, 28, 28)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x).logsumexp(1).mean() + bb.regularizer(model)).backward()
+        opt.step()
+    with torch.no_grad():
+        model.features[0].weight_quantizer.gamma_2[:5] = -4.0
+        model.classifier[0].act_quantizer.gamma_8.fill_(-3.0)
+    model.train()
+    model(x)  # the skip ratchet fires in training
+    state = model.state_dict()
+    fresh = build_model("lenet5quantized", config)
+    fresh.load_state_dict(state)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    assert bb.bop_report(model) == bb.bop_report(fresh)
+    assert fresh.classifier[0].act_quantizer.bit_width() == 4
+
+
+def test_prune_only_works_on_every_model():  # A2: the reference crashed on LeNet, VGG and MobileNetV2
+    config = bb.QuantConfig(include_pruning=True, prune_only=True)
+    for name, shape in [("lenet5quantized", (2, 1, 28, 28)), ("vggquantized", (2, 3, 32, 32))]:
+        model = calibrated(name, config, shape)
+        model(torch.rand(shape)).sum().backward()
+        report = bb.bop_report(model)
+        assert report["act_bit_counts"] == {}
+        assert set(report["weight_bit_counts"]) == {"32"}  # float weights counted at 32 bits (A2)

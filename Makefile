@@ -22,11 +22,22 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q tests
 
+# The main job: Bayesian Bits LeNet5 on real MNIST with the reference README's flags, for a few epochs.
+DATA_DIR ?= data
+DEMO_EPOCHS ?= 5
+SHARED_MNIST := ../shared/data/MNIST/raw
+
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_quantizer --quick
+	@if [ -d $(SHARED_MNIST) ] && [ ! -d $(DATA_DIR)/MNIST/raw ]; then \
+		mkdir -p $(DATA_DIR)/MNIST && cp -r $(SHARED_MNIST) $(DATA_DIR)/MNIST/ && chmod -R u+w $(DATA_DIR)/MNIST; fi
+	$(BIN)/bayesian-bits train --experiment mnist --data-dir $(DATA_DIR) --model lenet5quantized \
+		--batch-size 128 --learning-rate 1e-3 --learning-rate-q 1e-3 --learning-rate-s 1e-3 \
+		--optimizer Adam --optimizer-q Adam --optimizer-s Adam --gating-lambda 0.1 \
+		--gamma-4-init 6 --gamma-8-init 6 --gamma-16-init -6 --gamma-32-init -6 --learned-scale range \
+		--include-pruning --reg-type bop --epochs $(DEMO_EPOCHS) --eval-every 1 --logdir runs/demo
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_quantizer
+	$(BIN)/python -m benchmarks.bench_quantizer --csv bench_out/quantizer.csv
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build bench_out *.egg-info

@@ -73,6 +73,13 @@ def _channel_view(g2: Tensor, x: Tensor) -> Tensor:
     return g2.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
+def _gate_channels(z: Tensor, g2: Tensor | None, x: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """y = g2[c]·z, in x's dtype for the fp32 reference (the float64 oracle stays in float64)."""
+    if g2 is not None:
+        z = _channel_view(g2.to(compute_dtype), z) * z
+    return z.to(x.dtype) if compute_dtype == torch.float32 else z
+
+
 def bb_quantize(
     x: Tensor,
     x_max: Tensor,
@@ -101,9 +108,7 @@ def bb_quantize(
     z = levels[-1]
     for k in range(len(levels) - 2, -1, -1):
         z = levels[k] + g[k] * z
-    if g2 is not None:
-        z = _channel_view(g2.to(compute_dtype), z) * z
-    return z.to(x.dtype) if compute_dtype == torch.float32 else z
+    return _gate_channels(z, g2, x, compute_dtype)
 
 
 def fixed_quantize(
@@ -120,9 +125,7 @@ def fixed_quantize(
     xm = x_max.to(compute_dtype).reshape(())
     s = scales(xm, signed)[level_index(bits)]
     z = s * round_ste(clip(xf, xm, signed) / s)
-    if mask is not None:
-        z = _channel_view(mask.to(compute_dtype), z) * z
-    return z.to(x.dtype) if compute_dtype == torch.float32 else z
+    return _gate_channels(z, mask, x, compute_dtype)
 
 
 def closed_form_grads(

@@ -53,6 +53,20 @@ void forward_span(const scalar_t* x, scalar_t* y, int64_t n, const bbq::Params& 
   }
 }
 
+// One block of kLanes elements; a partial last block (m < kLanes) is padded with g = 0, which adds
+// nothing to the accumulators. Full blocks have fixed trip counts, so their loads and stores vectorise.
+template <int L, bool Full, typename scalar_t>
+inline void backward_lanes(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t m, const bbq::Params& p,
+                           float g2, float (*lanes)[kLanes]) {
+  float xb[kLanes], gb[kLanes], dxg[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    xb[l] = (Full || l < m) ? static_cast<float>(x[l]) : 0.0f;
+    gb[l] = (Full || l < m) ? static_cast<float>(g[l]) : 0.0f;
+  }
+  bbq::backward_block<L, kLanes>(xb, gb, p, dxg, lanes);
+  for (int l = 0; l < (Full ? kLanes : m); ++l) dx[l] = static_cast<scalar_t>(dxg[l] * g2);
+}
+
 template <int L, typename scalar_t>
 void backward_span(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t n, const bbq::Params& p,
                    float g2, double* acc) {
@@ -62,17 +76,9 @@ void backward_span(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t n
     // Short float runs per lane, flushed into double lanes: vector speed, near-pairwise accuracy.
     float lanes[A][kLanes] = {};
     const int64_t end = std::min(n, i0 + kFlushBlocks * kLanes);
-    for (int64_t i = i0; i < end; i += kLanes) {
-      // The last block is padded with g = 0, which adds nothing to the accumulators.
-      const int64_t m = std::min<int64_t>(kLanes, end - i);
-      float xb[kLanes], gb[kLanes], dxg[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        xb[l] = l < m ? static_cast<float>(x[i + l]) : 0.0f;
-        gb[l] = l < m ? static_cast<float>(g[i + l]) : 0.0f;
-      }
-      bbq::backward_block<L, kLanes>(xb, gb, p, dxg, lanes);
-      for (int l = 0; l < m; ++l) dx[i + l] = static_cast<scalar_t>(dxg[l] * g2);
-    }
+    int64_t i = i0;
+    for (; i + kLanes <= end; i += kLanes) backward_lanes<L, true>(x + i, g + i, dx + i, kLanes, p, g2, lanes);
+    if (i < end) backward_lanes<L, false>(x + i, g + i, dx + i, end - i, p, g2, lanes);
     for (int a = 0; a < A; ++a)
       for (int l = 0; l < kLanes; ++l) total[a][l] += lanes[a][l];
   }

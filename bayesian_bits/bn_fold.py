@@ -41,10 +41,12 @@ class _FoldTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, res: Tensor, y_float: Tensor, gamma: Tensor, beta: Tensor, std_run: Tensor, eps: float, clamp_max):
-        dims = _channel_dims(y_float)
-        var, mean = torch.var_mean(y_float, dim=dims, correction=1)
         m = y_float.numel() // y_float.shape[1]
-        std = torch.sqrt(var * ((m - 1) / m) + eps)  # σ_B from the biased variance
+        # ATen's batch-norm statistics (Welford-accurate, several times faster than var_mean here); its
+        # 1/invstd is exactly σ_B = sqrt(biased var + eps). The running statistics take the unbiased variance.
+        _, mean, invstd = torch.ops.aten.native_batch_norm(y_float, None, None, None, None, True, 0.0, eps)
+        std = invstd.reciprocal()
+        var = ((std * std - eps) * (m / (m - 1))).clamp_(min=0.0)
         scale = std_run / std
         shift = beta - gamma * mean / std
         out = torch.addcmul(_per_channel(shift, res.dim(), 1), res, _per_channel(scale, res.dim(), 1))

@@ -1,4 +1,5 @@
-"""The ``bayesian-bits`` command line: ``bayesian-bits train ...`` (also ``python -m bayesian_bits.train ...``).
+"""The ``bayesian-bits`` command line: ``bayesian-bits train ...`` (also ``python -m bayesian_bits.train ...``) and
+``bayesian-bits export CHECKPOINT --format FORMAT -o OUT``.
 
 Bad invocations, missing data and bad checkpoints end with exit status 2 and a one-line message.
 """
@@ -13,6 +14,7 @@ from .pipeline.errors import UsageError
 from .pipeline.options import add_train_arguments, check_train_options
 
 PROG = "bayesian-bits"
+EXPORT_FORMATS = ("manifest", "pruned", "packed")  # bayesian_bits.export.FORMATS, without importing torch here
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Multi-GPU: launch with torchrun --nproc_per_node N -m bayesian_bits.train ...",
     )
     add_train_arguments(train)
+    export = commands.add_parser(
+        "export",
+        help="export a trained checkpoint for deployment (manifest, pruned or packed)",
+        description="Export a checkpoint written by bayesian-bits train. manifest: JSON of bit widths, scales, kept "
+        "channels and BOPs (any model). pruned: float eval model with pruned channels removed (torch.save). "
+        "packed: integer weights at their learned bit widths. pruned and packed support lenet5quantized and "
+        "vggquantized.",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="epoch_FINAL.pth, last.pth or another checkpoint")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
+    export.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
     return parser
 
 
@@ -50,8 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesian-bits`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "export":
+            from .export import export  # heavy imports only once the command line is valid
+
+            print(export(args.checkpoint, args.format, args.output))
+            return 0
         check_train_options(args)
-        from .pipeline.runner import run  # heavy imports only once the command line is valid
+        from .pipeline.runner import run
 
         run(args)
     except UsageError as exc:

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..finetune import convert_to_fixed
 from .errors import UsageError
 
 
@@ -65,3 +67,13 @@ def load(path: str | Path, flag: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "phase" not in ckpt:
         raise UsageError(f"{flag} {path}: not a bayesian-bits train checkpoint (no 'model'/'phase' entries)")
     return ckpt
+
+
+def load_model_state(model: nn.Module, ckpt: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    """Load a checkpoint's weights into ``model`` built with its options; a fine-tuning checkpoint first restores
+    the gated model, then converts it to fixed gates (as training did) before loading the fine-tuned state."""
+    if ckpt["phase"] == "finetune":
+        model.load_state_dict(ckpt["pre_ft_model"])
+        convert_to_fixed(model)
+        model.to(device)
+    model.load_state_dict(ckpt["model"])

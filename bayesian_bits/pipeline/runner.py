@@ -228,14 +228,6 @@ class Run:
                 raise UsageError(f"{flag}: the checkpoint was written with {key}={old[key]!r} but this run has "
                                  f"{getattr(self.args, key)!r}; pass the flags of the original run")
 
-    def load_model_state(self, ckpt: dict[str, Any]) -> None:
-        """Load weights; a fine-tuning checkpoint first restores the gated model, then converts it."""
-        if ckpt["phase"] == "finetune":
-            self.model.load_state_dict(ckpt["pre_ft_model"])
-            convert_to_fixed(self.model)
-            self.model.to(self.env.device)
-        self.model.load_state_dict(ckpt["model"])
-
     def restore_rng(self, ckpt: dict[str, Any]) -> None:
         states = ckpt["rng"]
         if len(states) == self.env.world:
@@ -346,7 +338,7 @@ class Run:
         self.log.line(f"Command: {shlex.join(sys.argv)}")
         self.log.line(repr(self.model))
         if ckpt is not None:
-            self.load_model_state(ckpt)
+            checkpoint.load_model_state(self.model, ckpt, self.env.device)
         if args.eval_only:
             self.evaluate("Eval-only")
             return self.finish(Phase("eval", 0, {}), None)

@@ -1,0 +1,130 @@
+"""The ``packed`` format: weights as integer codes at their learned bit widths (2/4/8/16 bits packed densely into
+bytes; 32-bit and float weights kept as fp32), pruned output channels dropped, grid steps and biases stored.
+
+One ``torch.save`` file of plain tensors and dicts. ``load_packed`` rebuilds the pruned model of the ``pruned``
+format bit for bit: a code ``n`` decodes as the eval quantizer applied to ``n·s_b``, which lands on the same grid
+point through the same operator. Each tensor is checked when written; one that would not decode bit-exactly
+(possible at 16 bits, where the fp32 residual chain is inexact, SPEC B §1.6) is stored as fp32 instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models import build_model
+from ..pipeline.errors import UsageError
+from ..pipeline.runner import quant_config
+from .loader import Loaded
+from .pruned import LayerSpec, assemble, layer_specs
+from .quant import QuantSpec, TensorQuant
+
+FORMAT = "bayesian-bits-packed"
+VERSION = 1
+PACKED_BITS = (2, 4, 8, 16)
+
+
+def _offset(spec: QuantSpec) -> int:
+    """Shift that makes codes non-negative: signed grids use ±(2^(b−1)−1) (SPEC B §1.5)."""
+    return 2 ** (spec.bits - 1) - 1 if spec.signed else 0
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative integers < 2^bits → bytes, little-endian, 8/bits values per byte (16 bits: two bytes)."""
+    if bits == 16:
+        return values.astype("<u2").view(np.uint8)
+    per = 8 // bits
+    padded = np.zeros(-(-values.size // per) * per, np.uint8)
+    padded[: values.size] = values
+    lanes = padded.reshape(-1, per)
+    return np.bitwise_or.reduce(lanes << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8)
+
+
+def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits`` for ``count`` values."""
+    if bits == 16:
+        return data.view("<u2")[:count].astype(np.int64)
+    per = 8 // bits
+    lanes = (data[:, None] >> (bits * np.arange(per, dtype=np.uint8))) & (2**bits - 1)
+    return lanes.reshape(-1)[:count].astype(np.int64)
+
+
+def decode(codes: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
+    """Packed codes → the eval weight: the spec's quantizer applied to n·s_b."""
+    n = unpack_bits(codes.numpy(), spec.bits, int(np.prod(shape))) - _offset(spec)
+    grid = torch.from_numpy(n).float().reshape(shape) * torch.tensor(spec.scale, dtype=torch.float32)
+    with torch.no_grad():
+        return TensorQuant(spec)(grid)
+
+
+def encode(weight: Tensor, spec: QuantSpec | None) -> Tensor | None:
+    """Eval weight → packed codes, or None when it stays fp32 (float, 32-bit, or not exactly decodable)."""
+    if spec is None or spec.kind == "float" or spec.bits not in PACKED_BITS:
+        return None
+    n = torch.round(weight / spec.scale).to(torch.int64) + _offset(spec)
+    if n.numel() and (int(n.min()) < 0 or int(n.max()) >= 2**spec.bits):
+        return None
+    codes = torch.from_numpy(pack_bits(n.numpy().reshape(-1), spec.bits))
+    return codes if torch.equal(decode(codes, spec, tuple(weight.shape)), weight) else None
+
+
+def pack(loaded: Loaded) -> dict[str, Any]:
+    """The packed representation of a sequential eval model (LeNet5, VGG7)."""
+    layers = []
+    for spec in layer_specs(loaded):
+        codes = encode(spec.weight, spec.weight_quant)
+        layers.append({
+            "name": spec.name,
+            "shape": list(spec.weight.shape),
+            "weight_quant": None if spec.weight_quant is None else asdict(spec.weight_quant),
+            "scale": None if spec.weight_quant is None else spec.weight_quant.scale,
+            "codes": codes,
+            "weight": spec.weight if codes is None else None,
+            "bias": spec.bias,
+            "bias_map": spec.bias_map,
+            "act_quant": None if spec.act_quant is None else asdict(spec.act_quant),
+            "kept": spec.kept,
+        })
+    return {"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
+            "input_shape": list(loaded.input_shape), "layers": layers}
+
+
+def export_packed(loaded: Loaded, out: str | Path) -> str:
+    """Write the packed file; the summary gives its size next to the checkpoint's and the fp32 weights'."""
+    data = pack(loaded)
+    torch.save(data, out)
+    fp32 = sum(4 * (p.numel()) for n, p in loaded.model.state_dict().items() if "quantizer" not in n)
+    stored = sum(1 for layer in data["layers"] if layer["codes"] is not None)
+    return (f"wrote {out}: {Path(out).stat().st_size:,} bytes ({stored}/{len(data['layers'])} weights as integer "
+            f"codes); float checkpoint weights {fp32:,} bytes")
+
+
+def _spec(entry: dict[str, Any] | None) -> QuantSpec | None:
+    return None if entry is None else QuantSpec(**entry)
+
+
+def load_packed(path: str | Path) -> torch.nn.Module:
+    """Rebuild the pruned eval model from a packed file (raises ``UsageError`` for a missing or foreign file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file; pass a file written by bayesian-bits export --format packed")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file is not usable
+        raise UsageError(f"{path}: not a readable packed file ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise UsageError(f"{path}: not a {FORMAT} file of version {VERSION}")
+    skeleton = build_model(data["model"], quant_config(argparse.Namespace(**data["options"])))
+    specs = []
+    for layer in data["layers"]:
+        wq = _spec(layer["weight_quant"])
+        weight = layer["weight"] if layer["codes"] is None else decode(layer["codes"], wq, tuple(layer["shape"]))
+        specs.append(LayerSpec(layer["name"], weight, layer["bias"], layer["bias_map"], wq,
+                               _spec(layer["act_quant"]), layer["kept"]))
+    return assemble(skeleton, specs)

@@ -1,0 +1,67 @@
+"""CPU latency and parameter count of the ``pruned`` export against the unpruned (masked) eval model.
+
+    python -m benchmarks.bench_pruned CHECKPOINT [--batch 1 64] [--threads 1] [--out bench_pruned.json]
+
+Both models run in eval mode with the same fake-quantized activations; the pruned one has the pruned channels
+physically removed. Prints and writes JSON (median of --repeats timed forwards after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bayesian_bits.export import load_eval_model, pruned_model
+from bayesian_bits.export.pruned import layer_parameters
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one forward in milliseconds, after 3 warm-up calls."""
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="bench_pruned.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_eval_model(args.checkpoint)
+    pruned = pruned_model(loaded)
+    result = {
+        "checkpoint": args.checkpoint,
+        "model": loaded.name,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "parameters": {"eval": layer_parameters(loaded.model), "pruned": layer_parameters(pruned)},
+        "latency_ms": {},
+    }
+    for batch in args.batch:
+        x = torch.rand(batch, *loaded.input_shape[1:])
+        full, small = latency_ms(loaded.model, x, args.repeats), latency_ms(pruned, x, args.repeats)
+        result["latency_ms"][str(batch)] = {"eval": full, "pruned": small, "speedup": full / small}
+    print(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import shlex
@@ -50,22 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
-    """The model's ``QuantConfig`` from the command line."""
-    return QuantConfig(
-        gamma_4_init=args.gamma_4_init,
-        gamma_8_init=args.gamma_8_init,
-        gamma_16_init=args.gamma_16_init,
-        gamma_32_init=args.gamma_32_init,
-        include_pruning=args.include_pruning,
-        prune_only=args.prune_only,
-        fixed_8bit=args.fixed_8bit,
-        fixed_48bit=args.fixed_48bit,
-        weight_quant=args.weight_quant,
-        act_quant=args.act_quant,
-        gating_method=args.gating_method,
-        reg_type=args.reg_type,
-        learned_scale=args.learned_scale,
-    )
+    """The model's ``QuantConfig`` from the command line (its fields are flags of the same names)."""
+    return QuantConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)})
 
 
 def layer_summary(row: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from .pipeline.errors import UsageError
 from .pipeline.options import add_train_arguments, check_train_options
 
 PROG = "bayesian-bits"
-EXPORT_FORMATS = ("manifest", "pruned", "packed")  # bayesian_bits.export.FORMATS, without importing torch here
+EXPORT_FORMATS = ("manifest", "pruned", "packed", "onnx")  # bayesian_bits.export.FORMATS, without importing torch here
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,15 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     export = commands.add_parser(
         "export",
-        help="export a trained checkpoint for deployment (manifest, pruned or packed)",
-        description="Export a checkpoint written by bayesian-bits train. manifest: JSON of bit widths, scales, kept "
-        "channels and BOPs (any model). pruned: float eval model with pruned channels removed (torch.save). "
-        "packed: integer weights at their learned bit widths. pruned and packed support lenet5quantized and "
-        "vggquantized.",
+        help="export a trained checkpoint for deployment (manifest, pruned, packed or onnx)",
+        description="Export a checkpoint written by bayesian-bits train (any of the four models). manifest: JSON of "
+        "bit widths, scales, kept channels and BOPs. pruned: float eval model with pruned channels removed "
+        "(torch.save). packed: integer weights at their learned bit widths, pruned channels dropped. onnx: "
+        "QuantizeLinear/DequantizeLinear graph (opset 21) at the learned precisions, pruned channels removed; "
+        "needs pip install 'bayesian-bits[onnx]'.",
     )
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="epoch_FINAL.pth, last.pth or another checkpoint")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     export.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
+    export.add_argument("--image-size", type=int, metavar="PIXELS",
+                        help="input side the pruned/packed/onnx model is made for (default: the training images'; "
+                        "resnet18 and mobilenetv2 only). Removed channels leave per-position bias maps behind "
+                        "padded convs, which fix the input size")
     return parser
 
 
@@ -66,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             from .export import export  # heavy imports only once the command line is valid
 
-            print(export(args.checkpoint, args.format, args.output))
+            print(export(args.checkpoint, args.format, args.output, args.image_size))
             return 0
         check_train_options(args)
         from .pipeline.runner import run

@@ -1,9 +1,11 @@
-"""CPU latency and parameter count of the ``pruned`` export against the unpruned (masked) eval model.
+"""CPU latency and parameter count of the ``pruned`` export against the unpruned (masked) eval model, and of the
+``onnx`` export under onnxruntime.
 
     python -m benchmarks.bench_pruned CHECKPOINT [--batch 1 64] [--threads 1] [--out bench_pruned.json]
 
-Both models run in eval mode with the same fake-quantized activations; the pruned one has the pruned channels
-physically removed. Prints and writes JSON (median of --repeats timed forwards after warm-up).
+Both PyTorch models run in eval mode with the same fake-quantized activations; the pruned one has the pruned
+channels physically removed; the ONNX graph is the pruned model with QDQ nodes, run by onnxruntime's CPU provider
+with the same thread count. Prints and writes JSON (median of --repeats timed forwards after warm-up).
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from bayesian_bits.export import load_eval_model, pruned_model
+from bayesian_bits.export import Loaded, load_eval_model, onnx_model, onnxruntime_session, pruned_model
 from bayesian_bits.export.pruned import layer_parameters
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def latency_ms(model: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
     """Median wall time of one forward in milliseconds, after 3 warm-up calls."""
     for _ in range(3):
         model(x)
@@ -33,6 +35,12 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
         model(x)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def onnxruntime_forward(loaded: Loaded, threads: int) -> Callable[[torch.Tensor], object]:
+    """The ONNX export of ``loaded`` as a callable on an onnxruntime session with ``threads`` threads."""
+    session = onnxruntime_session(onnx_model(loaded)[1], threads)
+    return lambda x: session.run(None, {"input": x.numpy()})
 
 
 def main() -> None:
@@ -46,6 +54,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_eval_model(args.checkpoint)
     pruned = pruned_model(loaded)
+    ort_forward = onnxruntime_forward(loaded, args.threads)
     result = {
         "checkpoint": args.checkpoint,
         "model": loaded.name,
@@ -58,7 +67,9 @@ def main() -> None:
     for batch in args.batch:
         x = torch.rand(batch, *loaded.input_shape[1:])
         full, small = latency_ms(loaded.model, x, args.repeats), latency_ms(pruned, x, args.repeats)
-        result["latency_ms"][str(batch)] = {"eval": full, "pruned": small, "speedup": full / small}
+        ort = latency_ms(ort_forward, x, args.repeats)
+        result["latency_ms"][str(batch)] = {"eval": full, "pruned": small, "onnxruntime": ort,
+                                            "speedup": full / small}
     print(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

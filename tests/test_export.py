@@ -1,4 +1,4 @@
-"""``bayesian-bits export``: manifest, pruned and packed formats of a LeNet5 with randomised gates."""
+"""``bayesian-bits export``: manifest, pruned, packed and onnx formats of all four models with randomised gates."""
 
 from __future__ import annotations
 
@@ -11,54 +11,88 @@ import torch
 
 from bayesian_bits import bop_report, build_model, calibrate
 from bayesian_bits.cli import build_parser, main
-from bayesian_bits.export import load_eval_model, load_packed, manifest, pack, pruned_model
+from bayesian_bits.export import load_eval_model, load_packed, manifest, pack, pruned_model, run_onnxruntime
+from bayesian_bits.export.graph import regions
+from bayesian_bits.export.layer import ExportLayer
+from bayesian_bits.export.onnx_qdq import STORAGE
 from bayesian_bits.export.packed import pack_bits, unpack_bits
-from bayesian_bits.export.pruned import check_sequential
+from bayesian_bits.export.quant import TensorQuant
 from bayesian_bits.pipeline.errors import UsageError
 from bayesian_bits.pipeline.runner import quant_config
 
+onnx = pytest.importorskip("onnx")
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LeNet5 checkpoint as training writes it, with random gate logits: some channels pruned, mixed bits, and
-    a positive bias on pruned channels so they emit a constant the export must carry forward."""
-    args = build_parser().parse_args(["train", "--experiment", "mnist", "--model", "lenet5quantized", "--data-dir",
-                                      "D", "--include-pruning", "--gamma-16-init", "-6", "--gamma-32-init", "-6"])
-    torch.manual_seed(0)
+EXPERIMENT = {"lenet5quantized": "mnist", "vggquantized": "cifar10", "resnet18": "imagenet", "mobilenetv2": "imagenet"}
+SIDE = 32  # synthetic ImageNet side: small, so the CPU tests stay quick
+# gamma_4 … gamma_32 giving eval bit widths 2, 4, 8, 16 and 32; quantizers cycle through them.
+BIT_PATTERNS = [(-6, -6, -6, -6), (6, -6, -6, -6), (6, 6, -6, -6), (6, 6, 6, -6), (6, 6, 6, 6)]
+
+
+def write_checkpoint(model_name: str, path: Path, seed: int = 0) -> Path:
+    """A checkpoint as training writes it: every bit width from 2 to 32 among the quantizers, random pruning gates
+    (about 30 % of channels pruned), and random biases and BN statistics, so pruned channels emit constants."""
+    exp = EXPERIMENT[model_name]
+    argv = ["train", "--experiment", exp, "--model", model_name, "--data-dir", "D", "--include-pruning"]
+    if exp == "imagenet":
+        argv += ["--synthetic", "4", "--synthetic-image-size", str(SIDE)]
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(seed)
     model = build_model(args.model, quant_config(args))
-    calibrate(model, torch.rand(2, 1, 28, 28))
-    gen = torch.Generator().manual_seed(1)
+    side = {"mnist": 28, "cifar10": 32}.get(exp, SIDE)
+    calibrate(model, torch.rand(2, 1 if exp == "mnist" else 3, side, side))
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        quantizers = [m for m in model.modules() if hasattr(m, "gamma_4")]
+        for i, q in enumerate(quantizers):
+            for bits, gamma in zip((4, 8, 16, 32), BIT_PATTERNS[i % len(BIT_PATTERNS)], strict=True):
+                getattr(q, f"gamma_{bits}").fill_(gamma)
+            if q.gamma_2 is not None:
+                q.gamma_2.copy_(torch.randn(q.gamma_2.shape, generator=gen) * 2 + 1)
         for name, p in model.named_parameters():
-            if "gamma_2" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 2 + 1)
-            elif "gamma_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 3)
-        for layer in (model.features[0], model.features[2], model.classifier[0]):
-            pruned = layer.weight_quantizer.keep_mask() == 0
-            assert pruned.any()
-            layer.bias[pruned] = 0.5
-    path = tmp_path_factory.mktemp("export") / "epoch_FINAL.pth"
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
     torch.save({"phase": "train", "model": model.state_dict(), "options": vars(args)}, path)
     return path
 
 
+@pytest.fixture(scope="module", params=list(EXPERIMENT))
+def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(request.param, tmp_path_factory.mktemp("export") / f"{request.param}.pth")
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint("lenet5quantized", tmp_path_factory.mktemp("export") / "lenet.pth")
+
+
+def batch(loaded, n: int = 8) -> torch.Tensor:
+    return torch.randn(n, *loaded.input_shape[1:], generator=torch.Generator().manual_seed(3))
+
+
 def test_manifest_matches_bop_report(ckpt: Path, tmp_path: Path) -> None:
     loaded = load_eval_model(ckpt)
-    report = bop_report(loaded.model, loaded.input_shape)
+    report = bop_report(loaded.model, loaded.mac_shape)
     assert main(["export", str(ckpt), "--format", "manifest", "-o", str(tmp_path / "m.json")]) == 0
     data = json.loads((tmp_path / "m.json").read_text())
     assert data == json.loads(json.dumps(manifest(loaded)))
     assert data["relative_bops"] == pytest.approx(report["relative_bops"], rel=1e-12)
     assert sum(layer["bops"] for layer in data["layers"]) == pytest.approx(data["bops"], rel=1e-9)
-    bits = {layer["weight"]["bits"] for layer in data["layers"]}
-    assert len(bits) > 1
+    removed = {layer["name"] for layer in data["layers"] if layer["channels_removed_on_export"]}
+    assert removed == set(regions(loaded.model).by_output) & {layer["name"] for layer in data["layers"]}
+    tensors = [layer[k] for layer in data["layers"] for k in ("weight", "act") if layer[k]]
+    assert {t["bits"] for t in tensors} == {2, 4, 8, 16, 32}
     for layer in data["layers"]:
-        q = loaded.model.get_submodule(layer["name"]).weight_quantizer
         w = layer["weight"]
-        c = {2: 1, 4: 5, 8: 85, 16: 21845}[w["bits"]]
-        assert w["scale"] == pytest.approx(2 * w["x_max"] / 3 / c, rel=1e-6)
-        mask = q.keep_mask()
+        if w["bits"] < 32:
+            c = {2: 1, 4: 5, 8: 85, 16: 21845}[w["bits"]]
+            span = 2 * w["x_max"] if w["signed"] else w["x_max"]
+            assert w["scale"] == pytest.approx(span / 3 / c, rel=1e-6)
+        mask = loaded.model.get_submodule(layer["name"]).weight_quantizer.keep_mask()
         if mask is not None:
             assert w["kept_channels"] == torch.nonzero(mask).flatten().tolist()
 
@@ -68,18 +102,41 @@ def test_pruned_equals_masked_eval_model(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.pt"
     assert main(["export", str(ckpt), "--format", "pruned", "-o", str(out)]) == 0
     pruned = torch.load(out, weights_only=False)
-    first = pruned.features[0].op
-    kept = int(loaded.model.features[0].weight_quantizer.keep_mask().sum())
-    assert first.out_channels == kept < 32 and pruned.features[2].op.in_channels == kept
-    assert pruned.classifier[0].op.in_features < 64 * 16
-    x = torch.rand(16, 1, 28, 28)
+    found = regions(loaded.model)
+    assert found.by_output, "no layer had removable channels"
+    for name, region in found.by_output.items():
+        op = pruned.get_submodule(name).op
+        assert (op.out_channels if isinstance(op, torch.nn.Conv2d) else op.out_features) == region.kept.numel()
+        assert region.kept.numel() < region.channels
+    for name in found.order:  # layers whose pruned channels could not go keep them all, zero rows included
+        mask = loaded.model.get_submodule(name).weight_quantizer.keep_mask()
+        if name not in found.by_output and mask is not None:
+            assert pruned.get_submodule(name).op.weight.shape[0] == mask.numel()
+    x = batch(loaded)
     with torch.no_grad():
         ref = loaded.model(x)
-        torch.testing.assert_close(pruned(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pruned(x), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
         # The carried constants matter: without them the outputs differ.
-        for layer in (pruned.features[2], pruned.classifier[0], pruned.classifier[1]):
-            layer.op.bias.zero_()
+        for name, region in found.by_input.items():
+            if name in region.sinks:
+                layer = pruned.get_submodule(name)
+                layer.op.bias.zero_()
+                layer.bias_map = None
         assert not torch.allclose(pruned(x), ref, atol=1e-3)
+
+
+def test_residual_coupling(tmp_path: Path) -> None:
+    """ResNet-18: each block's first conv loses its pruned channels; the stem, second convs and downsamples feed
+    residual adds and keep theirs. MobileNetV2: removal reaches through depthwise convs."""
+    resnet = load_eval_model(write_checkpoint("resnet18", tmp_path / "r.pth"))
+    found = regions(resnet.model)
+    assert sorted(found.by_output) == sorted(f"features.{s}.{b}.features.0" for s in range(2, 6) for b in range(2))
+    assert all(r.sinks == [r.producer.replace("features.0", "features.1")] for r in found.by_output.values())
+    mobile = load_eval_model(write_checkpoint("mobilenetv2", tmp_path / "m.pth"))
+    found = regions(mobile.model)
+    assert found.by_output["features.1.conv.0"].producer == "features.0"
+    assert found.by_input["features.2.conv.2"].passthrough == ["features.2.conv.1"]
+    assert "features.3.conv.2" not in found.by_output  # its output feeds the residual add
 
 
 def test_packed_round_trip(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,15 +144,73 @@ def test_packed_round_trip(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "w.packed"
     assert main(["export", str(ckpt), "--format", "packed", "-o", str(out)]) == 0
     assert "bytes" in capsys.readouterr().out
-    assert out.stat().st_size < ckpt.stat().st_size / 4
+    assert out.stat().st_size < ckpt.stat().st_size
     data = torch.load(out, weights_only=True)
-    assert all(layer["codes"] is not None and layer["codes"].dtype == torch.uint8 for layer in data["layers"])
-    x = torch.rand(16, 1, 28, 28)
+    packed = [layer for layer in data["layers"] if layer["codes"] is not None]
+    assert {2, 4, 8} <= {layer["weight_quant"]["bits"] for layer in packed}
+    for layer in packed:  # dense: ceil(n·b/8) bytes
+        assert layer["codes"].dtype == torch.uint8
+        assert layer["codes"].numel() == -(-int(np.prod(layer["shape"])) * layer["weight_quant"]["bits"] // 8)
+    x = batch(loaded)
     with torch.no_grad():
         restored = load_packed(out)(x)
         assert torch.equal(restored, pruned_model(loaded)(x))
-        torch.testing.assert_close(restored, loaded.model(x), atol=1e-5, rtol=1e-5)
     assert pack(loaded)["layers"][0]["shape"] == list(data["layers"][0]["shape"])
+
+
+def test_onnx_qdq_matches_pytorch(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = load_eval_model(ckpt)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "-o", str(out)]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    init = {t.name: t for t in proto.graph.initializer}
+    pruned = pruned_model(loaded)
+    for name, layer in pruned.named_modules():
+        if not isinstance(layer, ExportLayer):
+            continue
+        spec = layer.weight_quant
+        if spec is not None and spec.bits < 32:  # integer codes at the learned width, pruned rows gone
+            codes = init[f"{name}.weight.codes"]
+            assert onnx.TensorProto.DataType.Name(codes.data_type) == STORAGE[(spec.signed, spec.bits)]
+            assert list(codes.dims) == list(layer.op.weight.shape)
+            limit = 2 ** (spec.bits - 1) - 1 if spec.signed else 2**spec.bits - 1
+            assert np.abs(onnx.numpy_helper.to_array(codes).astype(np.int64)).max() <= limit
+        else:
+            assert f"{name}.weight" in init
+    expected = {}  # every activation quantized at its learned width: Q node → storage type
+    for name, module in pruned.named_modules():
+        if isinstance(module, TensorQuant) and module.spec.kind != "float" and module.spec.bits < 32:
+            # ExportLayer output quantizers are named <layer>.act in the graph, other quantizers by their path.
+            qname = name.removesuffix(".act_quant") + ".act" if name.endswith(".act_quant") else name
+            expected[f"{qname}.q"] = STORAGE[(module.spec.signed, module.spec.bits)]
+    got_types = {n.output[0]: onnx.TensorProto.DataType.Name(init[n.input[2]].data_type)
+                 for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert got_types == expected and expected
+    x = batch(loaded, 16)
+    with torch.no_grad():
+        ref = loaded.model(x)
+    got = run_onnxruntime(out, x)
+    # QDQ rounds s_b·rint(x/s_b) where the eval model sums residual levels in fp32 (SPEC B §1.6): an activation
+    # now and then lands one grid step apart. Almost every logit agrees to fp32 precision; none by much more.
+    diff = (got - ref).abs()
+    scale = float(ref.abs().max())
+    assert float(diff.max()) <= 0.05 * scale
+    assert float((diff > 1e-4 * scale).float().mean()) <= 0.01
+
+
+def test_image_size_override(tmp_path: Path) -> None:
+    ckpt = write_checkpoint("resnet18", tmp_path / "r.pth")
+    loaded = load_eval_model(ckpt, image_size=48)
+    pruned = pruned_model(loaded)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), loaded.model(x), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="--image-size"):
+            pruned(torch.randn(2, 3, 32, 32))
+    with pytest.raises(UsageError, match="28×28"):
+        load_eval_model(write_checkpoint("lenet5quantized", tmp_path / "l.pth"), image_size=32)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
@@ -106,19 +221,19 @@ def test_bit_packing_round_trip(bits: int) -> None:
     assert np.array_equal(unpack_bits(packed, bits, 37), values)
 
 
-def test_bad_inputs(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_inputs(lenet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(tmp_path / "missing.pth"), "--format", "manifest", "-o", str(tmp_path / "m")]) == 2
     assert "no such file" in capsys.readouterr().err
     foreign = tmp_path / "foreign.pth"
     torch.save({"state_dict": {}}, foreign)
-    assert main(["export", str(foreign), "--format", "packed", "-o", str(tmp_path / "m")]) == 2
+    assert main(["export", str(foreign), "--format", "onnx", "-o", str(tmp_path / "m")]) == 2
     assert "not a bayesian-bits train checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["export", str(ckpt), "--format", "tflite", "-o", str(tmp_path / "m")])
+        main(["export", str(lenet), "--format", "tflite", "-o", str(tmp_path / "m")])
     assert exc.value.code == 2
-    assert main(["export", str(ckpt), "--format", "pruned", "-o", str(tmp_path / "no" / "dir" / "m")]) == 2
+    assert main(["export", str(lenet), "--format", "pruned", "-o", str(tmp_path / "no" / "dir" / "m")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(UsageError, match="resnet18"):
-        check_sequential("resnet18")
+    assert main(["export", str(lenet), "--format", "onnx", "-o", str(tmp_path / "m"), "--image-size", "0"]) == 2
+    assert "--image-size" in capsys.readouterr().err
     with pytest.raises(UsageError, match="packed"):
         load_packed(foreign)

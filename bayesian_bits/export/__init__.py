@@ -1,5 +1,6 @@
 """Export a trained checkpoint for deployment: ``manifest`` (JSON), ``pruned`` (float model with pruned channels
-removed) and ``packed`` (integer weights at their learned bit widths). ``bayesian-bits export`` calls ``export``."""
+removed), ``packed`` (integer weights at their learned bit widths) and ``onnx`` (QDQ graph at the learned
+precisions). ``bayesian-bits export`` calls ``export``."""
 
 from __future__ import annotations
 
@@ -9,25 +10,29 @@ from pathlib import Path
 from ..pipeline.errors import UsageError
 from .loader import Loaded, load_eval_model
 from .manifest import export_manifest, manifest
+from .onnx_qdq import export_onnx, onnx_model, onnxruntime_session, run_onnxruntime
 from .packed import export_packed, load_packed, pack
-from .pruned import export_pruned, pruned_model
+from .pruned import export_plan, export_pruned, pruned_model
 
 FORMATS: dict[str, Callable[[Loaded, str | Path], str]] = {
     "manifest": export_manifest,
     "pruned": export_pruned,
     "packed": export_packed,
+    "onnx": export_onnx,
 }
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> str:
-    """Write checkpoint ``checkpoint`` in format ``fmt`` to ``out``; returns a one-line summary."""
+def export(checkpoint: str | Path, fmt: str, out: str | Path, image_size: int | None = None) -> str:
+    """Write checkpoint ``checkpoint`` in format ``fmt`` to ``out`` (for inputs of side ``image_size``, default the
+    training images'); returns a one-line summary."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not Path(out).parent.is_dir():
         raise UsageError(f"-o {out}: the folder {Path(out).parent} does not exist; create it or pick another path")
-    loaded = load_eval_model(checkpoint)
+    loaded = load_eval_model(checkpoint, image_size=image_size)
     return FORMATS[fmt](loaded, out)
 
 
-__all__ = ["FORMATS", "Loaded", "export", "export_manifest", "export_packed", "export_pruned", "load_eval_model",
-           "load_packed", "manifest", "pack", "pruned_model"]
+__all__ = ["FORMATS", "Loaded", "export", "export_manifest", "export_onnx", "export_packed", "export_plan",
+           "export_pruned", "load_eval_model", "load_packed", "manifest", "onnx_model", "onnxruntime_session", "pack",
+           "pruned_model", "run_onnxruntime"]

@@ -13,6 +13,7 @@ from torch import nn
 from ..bops import bop_report
 from ..calibration import quantizers
 from ..quantizer import FixedQuantizer
+from .graph import regions
 from .loader import Loaded
 from .quant import spec_of
 
@@ -35,13 +36,17 @@ def tensor_entry(q: nn.Module) -> dict[str, Any]:
 def manifest(loaded: Loaded) -> dict[str, Any]:
     """The manifest of an eval model: per layer its MACs, BOPs, bits and quantized tensors; totals as reported."""
     model = loaded.model
-    report = bop_report(model, loaded.input_shape)
+    report = bop_report(model, loaded.mac_shape)
+    removable = regions(model).by_output
     layers = []
     for row in report["layers"]:
         layer = model.get_submodule(row["name"])
         entry = {k: row[k] for k in ("name", "macs", "input_bits", "weight_bits", "act_bits", "kept_out_pct",
                                      "kept_in_pct")}
         entry["bops"] = row["gbops"] * 1e9
+        # Whether the pruned/packed/onnx exports drop the channels its pruning (or its input's) removes; channels
+        # that feed a residual add stay there with zero weights.
+        entry["channels_removed_on_export"] = row["name"] in removable
         for kind in ("weight", "act"):
             q = getattr(layer, f"{kind}_quantizer")
             entry[kind] = None if q is None else tensor_entry(q)
@@ -50,7 +55,7 @@ def manifest(loaded: Loaded) -> dict[str, Any]:
     fixed = [(n, m) for n, m in model.named_modules() if isinstance(m, FixedQuantizer)]
     return {
         "model": loaded.name,
-        "input_shape": list(loaded.input_shape),
+        "bop_input_shape": list(loaded.mac_shape),
         "relative_bops": report["relative_bops"],
         "bops": report["gbops"] * 1e9,
         "bops_baseline": report["gbops_baseline"] * 1e9,

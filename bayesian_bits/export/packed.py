@@ -22,11 +22,11 @@ from ..models import build_model
 from ..pipeline.errors import UsageError
 from ..pipeline.runner import quant_config
 from .loader import Loaded
-from .pruned import LayerSpec, assemble, layer_specs
+from .pruned import ExportPlan, LayerSpec, assemble, export_plan
 from .quant import QuantSpec, TensorQuant
 
 FORMAT = "bayesian-bits-packed"
-VERSION = 1
+VERSION = 2
 PACKED_BITS = (2, 4, 8, 16)
 
 
@@ -75,9 +75,10 @@ def encode(weight: Tensor, spec: QuantSpec | None) -> Tensor | None:
 
 
 def pack(loaded: Loaded) -> dict[str, Any]:
-    """The packed representation of a sequential eval model (LeNet5, VGG7)."""
+    """The packed representation of an eval model."""
+    plan = export_plan(loaded)
     layers = []
-    for spec in layer_specs(loaded):
+    for spec in plan.layers:
         codes = encode(spec.weight, spec.weight_quant)
         layers.append({
             "name": spec.name,
@@ -92,7 +93,8 @@ def pack(loaded: Loaded) -> dict[str, Any]:
             "kept": spec.kept,
         })
     return {"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
-            "input_shape": list(loaded.input_shape), "layers": layers}
+            "input_shape": list(loaded.input_shape), "layers": layers,
+            "quantizers": {name: asdict(spec) for name, spec in plan.quantizers.items()}}
 
 
 def export_packed(loaded: Loaded, out: str | Path) -> str:
@@ -121,10 +123,10 @@ def load_packed(path: str | Path) -> torch.nn.Module:
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
         raise UsageError(f"{path}: not a {FORMAT} file of version {VERSION}")
     skeleton = build_model(data["model"], quant_config(argparse.Namespace(**data["options"])))
-    specs = []
+    plan = ExportPlan([], {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
     for layer in data["layers"]:
         wq = _spec(layer["weight_quant"])
         weight = layer["weight"] if layer["codes"] is None else decode(layer["codes"], wq, tuple(layer["shape"]))
-        specs.append(LayerSpec(layer["name"], weight, layer["bias"], layer["bias_map"], wq,
-                               _spec(layer["act_quant"]), layer["kept"]))
-    return assemble(skeleton, specs)
+        plan.layers.append(LayerSpec(layer["name"], weight, layer["bias"], layer["bias_map"], wq,
+                                     _spec(layer["act_quant"]), layer["kept"]))
+    return assemble(skeleton, plan)

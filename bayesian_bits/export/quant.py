@@ -34,7 +34,9 @@ class QuantSpec:
 
 
 def spec_of(q: nn.Module) -> QuantSpec:
-    """The eval-mode behaviour of a Bayesian Bits or fixed quantizer."""
+    """The eval-mode behaviour of a Bayesian Bits, fixed or already exported quantizer."""
+    if isinstance(q, TensorQuant):
+        return q.spec
     x_max, signed = float(q.x_max.detach()), q._signed
     if isinstance(q, BayesianBitsQuantizer):
         if q.fixed_bits:

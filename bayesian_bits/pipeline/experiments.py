@@ -19,6 +19,7 @@ class Experiment:
     default_workers: int
     default_lr_schedule: str
     mac_image_size: int  # the input side used for MAC counting (§3.2: 223 for ImageNet, same maps as 224)
+    any_image_size: bool = False  # whether the models take other input sides (global pooling before the head)
 
     def input_shape(self, image_size: int | None = None) -> tuple[int, int, int, int]:
         """Batch-1 input shape for MAC counting; ``image_size`` overrides the side (synthetic small images)."""
@@ -29,7 +30,7 @@ class Experiment:
 EXPERIMENTS: dict[str, Experiment] = {
     "mnist": Experiment("mnist", 1, 28, 10, ("lenet5quantized",), 2, "linear", 28),
     "cifar10": Experiment("cifar10", 3, 32, 10, ("vggquantized",), 1, "linear", 32),
-    "imagenet": Experiment("imagenet", 3, 224, 1000, ("resnet18", "mobilenetv2"), 64, "multistep:10:20:40", 223),
+    "imagenet": Experiment("imagenet", 3, 224, 1000, ("resnet18", "mobilenetv2"), 64, "multistep:10:20:40", 223, True),
 }
 
 MODELS: tuple[str, ...] = tuple(m for e in EXPERIMENTS.values() for m in e.models)

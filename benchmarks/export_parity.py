@@ -1,0 +1,82 @@
+"""Top-1 of a checkpoint's exports on its validation set: the PyTorch eval model, the pruned model, the packed
+model and the ONNX QDQ graph under onnxruntime, with their prediction agreement, logit differences and file sizes.
+
+    python -m benchmarks.export_parity CHECKPOINT --data-dir data [--out export_parity.json] [--keep DIR]
+
+Writes JSON (and prints it). Real data only: the validation split of the checkpoint's experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bayesian_bits.data import build_datasets
+from bayesian_bits.export import export, load_eval_model, load_packed, onnx_model, onnxruntime_session
+from bayesian_bits.export.pruned import layer_parameters
+from bayesian_bits.pipeline.experiments import get_experiment
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--out", default="export_parity.json")
+    parser.add_argument("--keep", help="folder to keep the exported files in (default: a temporary one)")
+    args = parser.parse_args()
+    loaded = load_eval_model(args.checkpoint)
+    exp = get_experiment(loaded.options["experiment"], loaded.name)
+    _, val = build_datasets(exp, args.data_dir)
+    folder = Path(args.keep or tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {fmt: folder / name for fmt, name in (("manifest", "manifest.json"), ("pruned", "pruned.pt"),
+                                                  ("packed", "model.packed"), ("onnx", "model.onnx"))}
+    summaries = {fmt: export(args.checkpoint, fmt, path) for fmt, path in files.items()}
+    pruned, _ = onnx_model(loaded)
+    packed = load_packed(files["packed"])
+    session = onnxruntime_session(files["onnx"])
+    models = {"pytorch_eval": loaded.model, "pruned": pruned, "packed": packed}
+    correct = dict.fromkeys([*models, "onnxruntime"], 0)
+    agree = dict.fromkeys(["pruned", "packed", "onnxruntime"], 0)
+    max_diff = dict.fromkeys(agree, 0.0)
+    total = 0
+    for x, y in tqdm(DataLoader(val, batch_size=args.batch_size), desc="evaluating", unit="batch"):
+        logits = {name: m(x) for name, m in models.items()}
+        logits["onnxruntime"] = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        ref = logits["pytorch_eval"].argmax(1)
+        for name, out in logits.items():
+            correct[name] += int((out.argmax(1) == y).sum())
+            if name in agree:
+                agree[name] += int((out.argmax(1) == ref).sum())
+                max_diff[name] = max(max_diff[name], float((out - logits["pytorch_eval"]).abs().max()))
+        total += len(y)
+    result = {
+        "checkpoint": args.checkpoint,
+        "model": loaded.name,
+        "examples": total,
+        "top1_pct": {name: 100.0 * c / total for name, c in correct.items()},
+        "prediction_agreement_pct": {name: 100.0 * a / total for name, a in agree.items()},
+        "max_abs_logit_diff": max_diff,
+        "bytes": {fmt: path.stat().st_size for fmt, path in files.items()} | {
+            "checkpoint": Path(args.checkpoint).stat().st_size,
+            "fp32_weights": 4 * sum(p.numel() for n, p in loaded.model.state_dict().items() if "quantizer" not in n)},
+        "parameters": {"eval": layer_parameters(loaded.model), "pruned": layer_parameters(pruned)},
+        "summaries": summaries,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """CPU latency and parameter count of the ``pruned`` export against the unpruned (masked) eval model, and of the
 ``onnx`` export under onnxruntime.
 
-    python -m benchmarks.bench_pruned CHECKPOINT [--batch 1 64] [--threads 1] [--out bench_pruned.json]
+    python -m benchmarks.bench_pruned CHECKPOINT [--batch 1 64] [--threads 1] [--image-size N] [--out FILE]
 
 Both PyTorch models run in eval mode with the same fake-quantized activations; the pruned one has the pruned
 channels physically removed; the ONNX graph is the pruned model with QDQ nodes, run by onnxruntime's CPU provider
@@ -50,9 +50,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="bench_pruned.json")
+    parser.add_argument("--image-size", type=int, help="input side (ResNet-18/MobileNetV2; default: the training's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_eval_model(args.checkpoint)
+    loaded = load_eval_model(args.checkpoint, image_size=args.image_size)
     pruned = pruned_model(loaded)
     ort_forward = onnxruntime_forward(loaded, args.threads)
     result = {

@@ -11,14 +11,24 @@ import torch
 
 from bayesian_bits import bop_report, build_model, calibrate
 from bayesian_bits.cli import build_parser, main
-from bayesian_bits.export import load_eval_model, load_packed, manifest, pack, pruned_model, run_onnxruntime
+from bayesian_bits.export import (
+    load_eval_model,
+    load_packed,
+    manifest,
+    onnx_model,
+    pack,
+    pruned_model,
+    run_onnxruntime,
+)
 from bayesian_bits.export.graph import regions
 from bayesian_bits.export.layer import ExportLayer
 from bayesian_bits.export.onnx_qdq import STORAGE
 from bayesian_bits.export.packed import pack_bits, unpack_bits
 from bayesian_bits.export.quant import TensorQuant
+from bayesian_bits.finetune import convert_to_fixed
 from bayesian_bits.pipeline.errors import UsageError
 from bayesian_bits.pipeline.runner import quant_config
+from bayesian_bits.quantizer import FixedQuantizer
 
 onnx = pytest.importorskip("onnx")
 
@@ -175,8 +185,11 @@ def test_onnx_qdq_matches_pytorch(ckpt: Path, tmp_path: Path, capsys: pytest.Cap
             codes = init[f"{name}.weight.codes"]
             assert onnx.TensorProto.DataType.Name(codes.data_type) == STORAGE[(spec.signed, spec.bits)]
             assert list(codes.dims) == list(layer.op.weight.shape)
-            limit = 2 ** (spec.bits - 1) - 1 if spec.signed else 2**spec.bits - 1
-            assert np.abs(onnx.numpy_helper.to_array(codes).astype(np.int64)).max() <= limit
+            stored = onnx.numpy_helper.to_array(codes).astype(np.int64)
+            if spec.signed:  # ±(2^(b−1)−1), or one code further where fp32 rounding of s_b reaches it
+                assert np.abs(stored).max() <= 2 ** (spec.bits - 1)
+            else:
+                assert 0 <= stored.min() and stored.max() <= 2**spec.bits - 1
         else:
             assert f"{name}.weight" in init
     expected = {}  # every activation quantized at its learned width: Q node → storage type
@@ -198,6 +211,25 @@ def test_onnx_qdq_matches_pytorch(ckpt: Path, tmp_path: Path, capsys: pytest.Cap
     scale = float(ref.abs().max())
     assert float(diff.max()) <= 0.05 * scale
     assert float((diff > 1e-4 * scale).float().mean()) <= 0.01
+
+
+def test_fine_tuned_checkpoint(tmp_path: Path) -> None:
+    """A fixed-gate fine-tuning checkpoint (fixed quantizers, masks as buffers, BN folded statically) exports too."""
+    path = write_checkpoint("mobilenetv2", tmp_path / "gated.pth")
+    gated = torch.load(path, weights_only=False)
+    fixed = convert_to_fixed(load_eval_model(path).model)
+    tuned = tmp_path / "ft.pth"
+    torch.save({"phase": "finetune", "pre_ft_model": gated["model"], "model": fixed.state_dict(),
+                "options": gated["options"]}, tuned)
+    loaded = load_eval_model(tuned)
+    assert any(isinstance(m, FixedQuantizer) for m in loaded.model.modules())
+    assert regions(loaded.model).by_output
+    x = batch(loaded)
+    pruned, proto = onnx_model(loaded)
+    with torch.no_grad():
+        ref = loaded.model(x)
+        torch.testing.assert_close(pruned(x), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+    assert float((run_onnxruntime(proto, x) - ref).abs().max()) <= 0.05 * float(ref.abs().max())
 
 
 def test_image_size_override(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""A short training on real MNIST with the README's settings reaches > 90 % top-1 on the 10k test set."""
+"""A short training on real MNIST with the README's settings reaches > 90 % top-1 on the 10k test set, and its
+exports (pruned, packed, ONNX under onnxruntime) classify the test set as the PyTorch eval model does."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from bayesian_bits.cli import main
+from bayesian_bits.data import mnist
+from bayesian_bits.export import load_eval_model, load_packed, onnxruntime_session
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"real MNIST files not at {SHARED_MNIST}")
-def test_short_mnist_training_learns(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data folder, log folder) of 100 training batches on real MNIST with the README's flags."""
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"real MNIST files not at {SHARED_MNIST}")
+    tmp_path = tmp_path_factory.mktemp("mnist")
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for gz in SHARED_MNIST.glob("*.gz"):
@@ -28,7 +36,39 @@ def test_short_mnist_training_learns(tmp_path: Path) -> None:
                  "--gamma-32-init", "-6", "--learned-scale", "range", "--epochs", "1", "--include-pruning",
                  "--reg-type", "bop", "--max-batches", "100", "--n-workers", "0", "--logdir", str(logdir)])
     assert code == 0
+    return tmp_path / "data", logdir
+
+
+@pytest.mark.slow
+def test_short_mnist_training_learns(trained: tuple[Path, Path]) -> None:
+    _, logdir = trained
     summary = json.loads((logdir / "summary.json").read_text())
     assert not summary["synthetic"]
     assert summary["top1"] > 90.0
     assert summary["relative_bops"] <= 6.25 + 1e-9  # gamma_16 = -6: at most W8A8 from the start
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_exports_of_trained_model_classify_alike(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    data_dir, logdir = trained
+    ckpt = logdir / "epoch_FINAL.pth"
+    for fmt in ("manifest", "pruned", "packed", "onnx"):
+        assert main(["export", str(ckpt), "--format", fmt, "-o", str(tmp_path / fmt)]) == 0
+    loaded = load_eval_model(ckpt)
+    models = {"pruned": torch.load(tmp_path / "pruned", weights_only=False), "packed": load_packed(tmp_path / "packed")}
+    session = onnxruntime_session(tmp_path / "onnx")
+    _, test_set = mnist(data_dir)
+    correct = dict.fromkeys(["eval", *models, "onnx"], 0)
+    for x, y in DataLoader(test_set, batch_size=1000):
+        ref = loaded.model(x)
+        outs = {"eval": ref, **{k: m(x) for k, m in models.items()},
+                "onnx": torch.from_numpy(session.run(None, {"input": x.numpy()})[0])}
+        for name, out in outs.items():
+            correct[name] += int((out.argmax(1) == y).sum())
+        torch.testing.assert_close(outs["pruned"], ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(outs["packed"], outs["pruned"])
+    assert correct["pruned"] == correct["packed"] == correct["eval"]
+    assert abs(correct["onnx"] - correct["eval"]) <= 5  # 0.05 points of 10,000 images
+

@@ -28,7 +28,6 @@ CHANNELWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.Adaptiv
                        *QUANTIZERS)
 RELU = (F.relu, torch.relu)
 CHANNELWISE_FUNCTIONS = (*RELU, F.relu6)
-FLATTEN = (torch.flatten, "flatten")
 ADD = (operator.add, torch.add)
 
 

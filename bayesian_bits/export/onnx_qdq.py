@@ -5,7 +5,8 @@ Every quantized tensor keeps its learned precision: weights are stored as intege
 A 2-bit tensor is stored in 4 bits with a Clip to its 2-bit range before the QuantizeLinear; so is every signed
 tensor, whose grid has ±(2^(b−1)−1) codes where the storage type also holds −2^(b−1) (SPEC B §1.5). QDQ computes
 ``s_b·rint(clip(x)/s_b)``, which the residual chain equals in exact arithmetic (SPEC B §1.6); in fp32 the two can
-differ by float rounding, and at 16 bits by one grid step. 32-bit tensors are the clipped float value.
+differ by float rounding, and at 16 bits by one grid step (as can a signed extreme that fp32 rounding carries one
+code past ±(2^(b−1)−1), which the storage type saturates). 32-bit tensors are the clipped float value.
 Run it with ``onnxruntime_session``, which switches off onnxruntime's QDQ fusions (they mishandle 4-bit types).
 """
 
@@ -114,9 +115,14 @@ class _Builder:
             return self.const(name, array)
         storage = STORAGE[(spec.signed, spec.bits)]
         codes = np.rint(array / np.float32(spec.scale))
-        limit = 2 ** (spec.bits - 1) - 1 if spec.signed else 2**spec.bits - 1
-        if codes.min(initial=0) < (-limit if spec.signed else 0) or codes.max(initial=0) > limit:
+        # Signed grids end at ±(2^(b−1)−1), but the fp32 rounding of s_b can carry the clipped extreme to
+        # ±2^(b−1) at 8 and 16 bits; the storage type saturates that one grid step, as QuantizeLinear does.
+        reach = 2 ** (spec.bits - 1) if spec.signed else 2**spec.bits - 1
+        if codes.min(initial=0) < (-reach if spec.signed else 0) or codes.max(initial=0) > reach:
             raise ValueError(f"{name}: weight codes outside the {spec.bits}-bit grid; the checkpoint is inconsistent")
+        width = STORAGE_BITS[storage]
+        codes = np.clip(codes, -(2 ** (width - 1)) if spec.signed else 0, 2 ** (width - 1) - 1 if spec.signed else
+                        2**width - 1)
         self.storage_counts[storage] = self.storage_counts.get(storage, 0) + 1
         stored = self.const(f"{name}.codes", codes.astype(np.int64).astype(_numpy_dtype(storage)))
         return self.node("DequantizeLinear", [stored, *self._scale_zero(name, spec, storage)], name)

@@ -157,6 +157,12 @@ class BayesianBitsQuantizer(_Quantizer):
         """Eval 0/1 pruning mask over output channels, or None without pruning."""
         return None if self.gamma_2 is None else gates.eval_gate(self.gamma_2)
 
+    @torch.no_grad()
+    def applied_mask(self) -> Tensor | None:
+        """The eval mask the forward multiplies by: ``keep_mask``, except in fixed-bit mode without prune-only,
+        whose forward ignores the pruning gates (§1.11) although BOPs count them (§3.5)."""
+        return None if (self.fixed_bits and not self.prune_only) else self.keep_mask()
+
     def regularizer(self) -> Tensor:
         """R_q of §3.1: expected level costs, full bit width per level, times q2 (mean over channels) when pruning."""
         cost = [1.0 if self.bop_weight is None else self.bop_weight * b for b in (2, *LEVEL_BITS)]
@@ -198,6 +204,10 @@ class FixedQuantizer(_Quantizer):
 
     def keep_mask(self) -> Tensor | None:
         """The fixed pruning mask, or None."""
+        return self.mask
+
+    def applied_mask(self) -> Tensor | None:
+        """The mask the forward multiplies by: the fixed pruning mask."""
         return self.mask
 
 

@@ -104,7 +104,7 @@ def regions(model: nn.Module) -> Regions:
         layer = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(layer, QuantLayer) or layer.weight_quantizer is None or is_depthwise(layer):
             continue
-        mask = layer.weight_quantizer.keep_mask()
+        mask = layer.weight_quantizer.applied_mask()
         if mask is None or bool(mask.all()):
             continue
         region = Region(node.target, mask.numel(), torch.nonzero(mask).flatten())
@@ -123,8 +123,8 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module], region: Region) -> boo
         user = frontier.pop()
         target = modules.get(user.target) if user.op == "call_module" else None
         if isinstance(target, QuantLayer):
-            if is_depthwise(target) and (target.weight_quantizer is None or target.weight_quantizer.keep_mask()
-                                         is None):
+            if is_depthwise(target) and (target.weight_quantizer is None or
+                                         target.weight_quantizer.applied_mask() is None):
                 region.passthrough.append(user.target)
                 frontier.extend(user.users)
             elif isinstance(target, nn.Linear) or target.groups == 1:

@@ -30,6 +30,8 @@ def tensor_entry(q: nn.Module) -> dict[str, Any]:
         "scale": spec.scale,
         "channels": None if mask is None else int(mask.numel()),
         "kept_channels": None if mask is None else torch.nonzero(mask).flatten().tolist(),
+        # False only in fixed-bit mode without prune-only: BOPs count the mask, the forward ignores it (§1.11).
+        "pruning_applied": q.applied_mask() is not None,
     }
 
 

@@ -5,8 +5,9 @@ Every quantized tensor keeps its learned precision: weights are stored as intege
 A 2-bit tensor is stored in 4 bits with a Clip to its 2-bit range before the QuantizeLinear; so is every signed
 tensor, whose grid has ±(2^(b−1)−1) codes where the storage type also holds −2^(b−1) (SPEC B §1.5). QDQ computes
 ``s_b·rint(clip(x)/s_b)``, which the residual chain equals in exact arithmetic (SPEC B §1.6); in fp32 the two can
-differ by float rounding, and at 16 bits by one grid step (as can a signed extreme that fp32 rounding carries one
-code past ±(2^(b−1)−1), which the storage type saturates). 32-bit tensors are the clipped float value.
+differ by float rounding, and at 16 bits by one grid step. Where the fp32 rounding of s_b carries a signed clip bound
+one code past ±(2^(b−1)−1) (it happens at 4, 8 and 16 bits for some x_max), the zero point shifts by one to hold it,
+or the tensor moves to the next wider type if both bounds do. 32-bit tensors are the clipped float value.
 Run it with ``onnxruntime_session``, which switches off onnxruntime's QDQ fusions (they mishandle 4-bit types).
 """
 
@@ -31,7 +32,8 @@ OPSET = 21
 # (signed, bits) → ONNX storage type name; 2-bit tensors live in 4-bit storage.
 STORAGE = {(True, 2): "INT4", (True, 4): "INT4", (True, 8): "INT8", (True, 16): "INT16",
            (False, 2): "UINT4", (False, 4): "UINT4", (False, 8): "UINT8", (False, 16): "UINT16"}
-STORAGE_BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16}
+STORAGE_BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT32": 32}
+WIDER = {"INT4": "INT8", "INT8": "INT16", "INT16": "INT32", "UINT4": "UINT8", "UINT8": "UINT16"}
 
 
 def _onnx() -> Any:
@@ -46,7 +48,38 @@ def _numpy_dtype(storage: str) -> Any:
     import ml_dtypes  # installed with onnx; numpy has no 4-bit integers
 
     return {"INT4": ml_dtypes.int4, "UINT4": ml_dtypes.uint4, "INT8": np.int8, "UINT8": np.uint8,
-            "INT16": np.int16, "UINT16": np.uint16}[storage]
+            "INT16": np.int16, "UINT16": np.uint16, "INT32": np.int32}[storage]
+
+
+def type_range(storage: str) -> tuple[int, int]:
+    """Smallest and largest value of an ONNX integer type."""
+    bits = STORAGE_BITS[storage]
+    return (0, 2**bits - 1) if storage.startswith("U") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def reachable_codes(spec: QuantSpec) -> tuple[int, int]:
+    """The lowest and highest integer code the eval quantizer produces: ±(2^(b−1)−1) or 0…2^b−1 as designed, but
+    the fp32 rounding of s_b can carry a signed clip bound one code further, to ±2^(b−1) (SPEC B §1.4–1.5)."""
+    lo, hi = clip_bounds(spec)
+    beyond = torch.tensor([lo - 1.0, hi + 1.0])
+    with torch.no_grad():
+        codes = torch.round(TensorQuant(spec)(beyond) / torch.tensor(spec.scale, dtype=torch.float32))
+    return int(codes[0]), int(codes[1])
+
+
+def fit_storage(spec: QuantSpec, first: int, last: int, widest: int) -> tuple[str, int]:
+    """The storage type and zero point holding codes first…last: the spec's nominal type, its zero point shifted
+    by one where a signed extreme reaches ±2^(b−1), the next wider type (up to ``widest`` bits) where both do;
+    past that the codes saturate."""
+    storage = STORAGE[(spec.signed, spec.bits)]
+    while True:
+        tmin, tmax = type_range(storage)
+        if last - first <= tmax - tmin:
+            return storage, min(max(0, tmin - first), tmax - last)
+        wider = WIDER.get(storage)
+        if wider is None or STORAGE_BITS[wider] > widest:
+            return storage, 0
+        storage = wider
 
 
 def clip_bounds(spec: QuantSpec) -> tuple[float, float]:
@@ -84,9 +117,10 @@ class _Builder:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def _scale_zero(self, name: str, spec: QuantSpec, storage: str) -> list[str]:
+    def _scale_zero(self, name: str, spec: QuantSpec, storage: str, zero_point: int) -> list[str]:
         scale = self.const(f"{name}.scale", np.array(spec.scale, np.float32))
-        zero = self.const(f"{name}.zero_point", np.array(0, _numpy_dtype(storage)))
+        zero = self.const(f"{name}.zero_point", np.array(zero_point, _numpy_dtype(storage)))
+        self.storage_counts[storage] = self.storage_counts.get(storage, 0) + 1
         return [scale, zero]
 
     def quantize(self, x: str, spec: QuantSpec, name: str) -> str:
@@ -96,11 +130,12 @@ class _Builder:
         lo, hi = clip_bounds(spec)
         if spec.bits == 32:
             return self.clip(x, lo, hi, name)
-        storage = STORAGE[(spec.signed, spec.bits)]
-        self.storage_counts[storage] = self.storage_counts.get(storage, 0) + 1
-        if spec.signed or STORAGE_BITS[storage] != spec.bits:  # else saturation is the clip
+        first, last = reachable_codes(spec)
+        storage, zero_point = fit_storage(spec, first, last, widest=16)
+        tmin, tmax = type_range(storage)
+        if tmin - zero_point < first or tmax - zero_point > last:  # else saturation is the clip
             x = self.clip(x, lo, hi, name)
-        qparams = self._scale_zero(name, spec, storage)
+        qparams = self._scale_zero(name, spec, storage, zero_point)
         q = self.node("QuantizeLinear", [x, *qparams], f"{name}.q")
         return self.node("DequantizeLinear", [q, *qparams], f"{name}.dq")
 
@@ -113,19 +148,13 @@ class _Builder:
         array = w.detach().numpy().astype(np.float32)
         if spec is None or spec.kind == "float" or spec.bits == 32:
             return self.const(name, array)
-        storage = STORAGE[(spec.signed, spec.bits)]
-        codes = np.rint(array / np.float32(spec.scale))
-        # Signed grids end at ±(2^(b−1)−1), but the fp32 rounding of s_b can carry the clipped extreme to
-        # ±2^(b−1) at 8 and 16 bits; the storage type saturates that one grid step, as QuantizeLinear does.
-        reach = 2 ** (spec.bits - 1) if spec.signed else 2**spec.bits - 1
-        if codes.min(initial=0) < (-reach if spec.signed else 0) or codes.max(initial=0) > reach:
+        codes = np.rint(array / np.float32(spec.scale)).astype(np.int64)
+        first, last = reachable_codes(spec)
+        if codes.size and (codes.min() < first or codes.max() > last):
             raise ValueError(f"{name}: weight codes outside the {spec.bits}-bit grid; the checkpoint is inconsistent")
-        width = STORAGE_BITS[storage]
-        codes = np.clip(codes, -(2 ** (width - 1)) if spec.signed else 0, 2 ** (width - 1) - 1 if spec.signed else
-                        2**width - 1)
-        self.storage_counts[storage] = self.storage_counts.get(storage, 0) + 1
-        stored = self.const(f"{name}.codes", codes.astype(np.int64).astype(_numpy_dtype(storage)))
-        return self.node("DequantizeLinear", [stored, *self._scale_zero(name, spec, storage)], name)
+        storage, zero_point = fit_storage(spec, int(codes.min(initial=0)), int(codes.max(initial=0)), widest=32)
+        stored = self.const(f"{name}.codes", (codes + zero_point).astype(_numpy_dtype(storage)))
+        return self.node("DequantizeLinear", [stored, *self._scale_zero(name, spec, storage, zero_point)], name)
 
     def activation(self, x: str, act: nn.Module, name: str) -> str:
         if isinstance(act, nn.ReLU):

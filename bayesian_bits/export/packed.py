@@ -2,9 +2,11 @@
 bytes; 32-bit and float weights kept as fp32), pruned output channels dropped, grid steps and biases stored.
 
 One ``torch.save`` file of plain tensors and dicts. ``load_packed`` rebuilds the pruned model of the ``pruned``
-format bit for bit: a code ``n`` decodes as the eval quantizer applied to ``n·s_b``, which lands on the same grid
-point through the same operator. Each tensor is checked when written; one that would not decode bit-exactly
-(possible at 16 bits, where the fp32 residual chain is inexact, SPEC B §1.6) is stored as fp32 instead.
+format bit for bit: a stored code c decodes as the eval quantizer applied to (c + offset)·s_b, which lands on the
+same grid point through the same operator; the per-tensor offset is the lowest grid index in use, so a b-bit grid
+fits b bits even where fp32 rounding adds the index ±2^(b−1) at one end (SPEC B §1.5). Each tensor is checked when
+written; one that would not decode bit-exactly (possible at 16 bits, where the fp32 residual chain is inexact,
+SPEC B §1.6) is stored as fp32 instead.
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ VERSION = 2
 PACKED_BITS = (2, 4, 8, 16)
 
 
-def _offset(spec: QuantSpec) -> int:
-    """Shift that makes codes non-negative: signed grids use ±(2^(b−1)−1) (SPEC B §1.5)."""
-    return 2 ** (spec.bits - 1) - 1 if spec.signed else 0
-
-
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """Non-negative integers < 2^bits → bytes, little-endian, 8/bits values per byte (16 bits: two bytes)."""
     if bits == 16:
@@ -55,23 +52,25 @@ def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     return lanes.reshape(-1)[:count].astype(np.int64)
 
 
-def decode(codes: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
-    """Packed codes → the eval weight: the spec's quantizer applied to n·s_b."""
-    n = unpack_bits(codes.numpy(), spec.bits, int(np.prod(shape))) - _offset(spec)
+def decode(codes: Tensor, offset: int, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
+    """Packed codes → the eval weight: the spec's quantizer applied to (code + offset)·s_b."""
+    n = unpack_bits(codes.numpy(), spec.bits, int(np.prod(shape))) + offset
     grid = torch.from_numpy(n).float().reshape(shape) * torch.tensor(spec.scale, dtype=torch.float32)
     with torch.no_grad():
         return TensorQuant(spec)(grid)
 
 
-def encode(weight: Tensor, spec: QuantSpec | None) -> Tensor | None:
-    """Eval weight → packed codes, or None when it stays fp32 (float, 32-bit, or not exactly decodable)."""
-    if spec is None or spec.kind == "float" or spec.bits not in PACKED_BITS:
+def encode(weight: Tensor, spec: QuantSpec | None) -> tuple[Tensor, int] | None:
+    """Eval weight → packed codes and the offset of code 0 (the lowest grid index), or None when it stays fp32
+    (float, 32-bit, more than 2^b grid points in use, or not exactly decodable)."""
+    if spec is None or spec.kind == "float" or spec.bits not in PACKED_BITS or not weight.numel():
         return None
-    n = torch.round(weight / spec.scale).to(torch.int64) + _offset(spec)
-    if n.numel() and (int(n.min()) < 0 or int(n.max()) >= 2**spec.bits):
+    n = torch.round(weight / spec.scale).to(torch.int64)
+    offset = int(n.min())
+    if int(n.max()) - offset >= 2**spec.bits:
         return None
-    codes = torch.from_numpy(pack_bits(n.numpy().reshape(-1), spec.bits))
-    return codes if torch.equal(decode(codes, spec, tuple(weight.shape)), weight) else None
+    codes = torch.from_numpy(pack_bits((n - offset).numpy().reshape(-1), spec.bits))
+    return (codes, offset) if torch.equal(decode(codes, offset, spec, tuple(weight.shape)), weight) else None
 
 
 def pack(loaded: Loaded) -> dict[str, Any]:
@@ -79,13 +78,15 @@ def pack(loaded: Loaded) -> dict[str, Any]:
     plan = export_plan(loaded)
     layers = []
     for spec in plan.layers:
-        codes = encode(spec.weight, spec.weight_quant)
+        encoded = encode(spec.weight, spec.weight_quant)
+        codes, offset = encoded if encoded is not None else (None, 0)
         layers.append({
             "name": spec.name,
             "shape": list(spec.weight.shape),
             "weight_quant": None if spec.weight_quant is None else asdict(spec.weight_quant),
             "scale": None if spec.weight_quant is None else spec.weight_quant.scale,
             "codes": codes,
+            "offset": offset,
             "weight": spec.weight if codes is None else None,
             "bias": spec.bias,
             "bias_map": spec.bias_map,
@@ -126,7 +127,8 @@ def load_packed(path: str | Path) -> torch.nn.Module:
     plan = ExportPlan([], {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
     for layer in data["layers"]:
         wq = _spec(layer["weight_quant"])
-        weight = layer["weight"] if layer["codes"] is None else decode(layer["codes"], wq, tuple(layer["shape"]))
+        shape = tuple(layer["shape"])
+        weight = layer["weight"] if layer["codes"] is None else decode(layer["codes"], layer["offset"], wq, shape)
         plan.layers.append(LayerSpec(layer["name"], weight, layer["bias"], layer["bias_map"], wq,
                                      _spec(layer["act_quant"]), layer["kept"]))
     return assemble(skeleton, plan)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..bops import bop_report
 from ..calibration import quantizers
+from ..pipeline import checkpoint
 from ..quantizer import FixedQuantizer
 from .graph import regions
 from .loader import Loaded
@@ -71,5 +72,6 @@ def manifest(loaded: Loaded) -> dict[str, Any]:
 def export_manifest(loaded: Loaded, out: str | Path) -> str:
     """Write the manifest as indented JSON."""
     data = manifest(loaded)
-    Path(out).write_text(json.dumps(data, indent=1) + "\n")
+    text = json.dumps(data, indent=1) + "\n"
+    checkpoint.write_atomic(out, lambda fh: fh.write(text.encode()))
     return f"wrote {out}: {len(data['layers'])} layers, relative BOPs {data['relative_bops']:.2f} %"

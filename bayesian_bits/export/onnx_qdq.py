@@ -13,6 +13,7 @@ Run it with ``onnxruntime_session``, which switches off onnxruntime's QDQ fusion
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from bbkernels.reference import SHRINK
+
+from ..pipeline import checkpoint
 from ..pipeline.errors import UsageError
 from .graph import ADD, RELU, flatten_dims, is_input_check, trace
 from .layer import ExportLayer
@@ -84,8 +88,6 @@ def fit_storage(spec: QuantSpec, first: int, last: int, widest: int) -> tuple[st
 
 def clip_bounds(spec: QuantSpec) -> tuple[float, float]:
     """The clip range of the eval quantizer in fp32: [−x_max', x_max'] or [0, x_max'] (SPEC B §1.4)."""
-    from bbkernels.reference import SHRINK
-
     xm = float(torch.tensor(spec.x_max, dtype=torch.float32) * torch.tensor(SHRINK, dtype=torch.float32))
     return (-xm if spec.signed else 0.0), xm
 
@@ -285,14 +287,17 @@ def run_onnxruntime(proto_or_path: Any, x: Tensor) -> Tensor:
 
 
 def export_onnx(loaded: Loaded, out: str | Path) -> str:
-    """Write the ONNX graph; the summary gives its storage types and onnxruntime's agreement on a random batch."""
+    """Write the ONNX graph; the summary gives its storage types and, with onnxruntime installed, its agreement
+    with the PyTorch eval model on a random batch."""
     _, proto = onnx_model(loaded)
-    Path(out).write_bytes(proto.SerializeToString())
+    checkpoint.write_atomic(out, lambda fh: fh.write(proto.SerializeToString()))
+    types = ", ".join(f"{p.value}×{p.key.removeprefix('storage.').lower()}" for p in proto.metadata_props
+                      if p.key.startswith("storage."))
+    summary = f"wrote {out}: {Path(out).stat().st_size:,} bytes, opset {OPSET}, QDQ storage {types or 'none'}; "
+    if importlib.util.find_spec("onnxruntime") is None:
+        return summary + "onnxruntime not installed, outputs not compared"
     x = torch.rand(8, *loaded.input_shape[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = loaded.model(x)
     diff = (run_onnxruntime(proto, x) - expected).abs().max().item()
-    types = ", ".join(f"{p.value}×{p.key.removeprefix('storage.').lower()}" for p in proto.metadata_props
-                      if p.key.startswith("storage."))
-    return (f"wrote {out}: {Path(out).stat().st_size:,} bytes, opset {OPSET}, QDQ storage {types or 'none'}; "
-            f"onnxruntime vs PyTorch eval model on 8 random inputs: max |Δ| {diff:.3g}")
+    return summary + f"onnxruntime vs PyTorch eval model on 8 random inputs: max |Δ| {diff:.3g}"

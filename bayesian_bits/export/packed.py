@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..models import build_model
+from ..pipeline import checkpoint
 from ..pipeline.errors import UsageError
 from ..pipeline.runner import quant_config
 from .loader import Loaded
@@ -101,7 +102,7 @@ def pack(loaded: Loaded) -> dict[str, Any]:
 def export_packed(loaded: Loaded, out: str | Path) -> str:
     """Write the packed file; the summary gives its size next to the checkpoint's and the fp32 weights'."""
     data = pack(loaded)
-    torch.save(data, out)
+    checkpoint.save_atomic(data, out)
     fp32 = sum(4 * (p.numel()) for n, p in loaded.model.state_dict().items() if "quantizer" not in n)
     stored = sum(1 for layer in data["layers"] if layer["codes"] is not None)
     return (f"wrote {out}: {Path(out).stat().st_size:,} bytes ({stored}/{len(data['layers'])} weights as integer "

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import bn_fold
 from ..layers import QuantLayer
+from ..pipeline import checkpoint
 from ..pipeline.errors import UsageError
 from .graph import QUANTIZERS, Region, regions
 from .layer import ExportLayer, plain_op
@@ -145,7 +146,7 @@ def pruned_model(loaded: Loaded) -> nn.Module:
 def export_pruned(loaded: Loaded, out: str | Path) -> str:
     """Save the pruned model with ``torch.save`` (load with ``torch.load(out, weights_only=False)``)."""
     model = pruned_model(loaded)
-    torch.save(model, out)
+    checkpoint.save_atomic(model, out)
     return f"wrote {out}: pruned float model, {layer_parameters(model):,} parameters " \
            f"(unpruned eval model {layer_parameters(loaded.model):,})"
 

@@ -89,17 +89,6 @@ void backward_span(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t n
   }
 }
 
-template <typename F>
-void with_levels(int levels, F&& f) {
-  switch (levels) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 5>{}); break;
-  }
-}
-
 at::Tensor forward(const at::Tensor& x, const at::Tensor& x_max, const c10::optional<at::Tensor>& gates,
                    const c10::optional<at::Tensor>& g2, bool is_signed, int64_t bits) {
   const bbq::Params p = params_of(x_max, gates, is_signed, bits);
@@ -108,7 +97,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& x_max, const c10::opti
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bb_quantize_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    with_levels(p.levels, [&](auto levels) {
+    bbq::with_levels(p.levels, [&](auto levels) {
       at::parallel_for(0, lay.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = lay.begin(t);
@@ -131,7 +120,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    with_levels(p.levels, [&](auto levels) {
+    bbq::with_levels(p.levels, [&](auto levels) {
       at::parallel_for(0, lay.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = lay.begin(t);

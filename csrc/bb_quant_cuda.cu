@@ -18,7 +18,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "bb_quant_cuda.h"
@@ -62,18 +61,6 @@ __device__ bbq::Params block_params(const float* x_max, const float* gates, bool
   return shared;
 }
 
-// Runs f.template operator()<L>() for the block's (uniform) depth.
-template <typename F>
-__device__ void with_levels(int levels, F&& f) {
-  switch (levels) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 5>{}); break;
-  }
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                                            const float* x_max, const float* gates, const float* g2,
@@ -82,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
   const int64_t t = blockIdx.x;
   const int64_t b = lay.begin(t), n = lay.size(t);
   const float gc = g2 ? g2[lay.channel(t)] : 1.0f;
-  with_levels(p.levels, [&](auto levels) {
+  bbq::with_levels(p.levels, [&](auto levels) {
     constexpr int L = decltype(levels)::value;
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
       const float z = bbq::quantize_levels<L>(bbq::clip(static_cast<float>(x[b + i]), p), p);
@@ -114,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t = blockIdx.x;
   const int64_t b = lay.begin(t), n = lay.size(t);
   const float gc = g2 ? g2[lay.channel(t)] : 1.0f;
-  with_levels(p.levels, [&](auto levels) {
+  bbq::with_levels(p.levels, [&](auto levels) {
     constexpr int L = decltype(levels)::value;
     constexpr int A = 2 * L + 1;
     float acc[A][1] = {};

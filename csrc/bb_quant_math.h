@@ -6,13 +6,17 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define BBQ_HD __host__ __device__ __forceinline__
 #define BBQ_UNROLL _Pragma("unroll")
+// The callable may be device-only (a lambda inside a kernel); the template is instantiated in device code only.
+#define BBQ_HD_TEMPLATE _Pragma("nv_exec_check_disable")
 #else
 #define BBQ_HD inline
 #define BBQ_UNROLL _Pragma("GCC unroll 8")
+#define BBQ_HD_TEMPLATE
 #endif
 
 namespace bbq {
@@ -166,6 +170,20 @@ BBQ_HD void reduce_tile(const Params& p, const ChannelCoeffs& cc, const double* 
   for (int k = 0; k < L; ++k) out[0] += cc.xmax_level[k] * acc[1 + k];
   for (int k = 0; k + 1 < L; ++k) out[1 + k] += cc.G[k] * acc[1 + L + k];
   out[5] += acc[2 * L];
+}
+
+// Runs f(std::integral_constant<int, L>{}) for the effective depth L = levels (1…5), so kernels are compiled
+// once per depth with the level loop unrolled.
+BBQ_HD_TEMPLATE
+template <typename F>
+BBQ_HD void with_levels(int levels, F&& f) {
+  switch (levels) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 5>{}); break;
+  }
 }
 
 }  // namespace bbq

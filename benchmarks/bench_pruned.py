@@ -17,10 +17,11 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bayesian_bits.export import Loaded, load_eval_model, onnx_model, onnxruntime_session, pruned_model
+from bayesian_bits.export import load_eval_model, onnx_model, onnxruntime_session
 from bayesian_bits.export.pruned import layer_parameters
 
 
@@ -37,9 +38,9 @@ def latency_ms(model: Callable[[torch.Tensor], object], x: torch.Tensor, repeats
     return 1e3 * statistics.median(times)
 
 
-def onnxruntime_forward(loaded: Loaded, threads: int) -> Callable[[torch.Tensor], object]:
-    """The ONNX export of ``loaded`` as a callable on an onnxruntime session with ``threads`` threads."""
-    session = onnxruntime_session(onnx_model(loaded)[1], threads)
+def onnxruntime_forward(proto: Any, threads: int) -> Callable[[torch.Tensor], object]:
+    """An ONNX graph as a callable on an onnxruntime session with ``threads`` threads."""
+    session = onnxruntime_session(proto, threads)
     return lambda x: session.run(None, {"input": x.numpy()})
 
 
@@ -54,8 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_eval_model(args.checkpoint, image_size=args.image_size)
-    pruned = pruned_model(loaded)
-    ort_forward = onnxruntime_forward(loaded, args.threads)
+    pruned, proto = onnx_model(loaded)
+    ort_forward = onnxruntime_forward(proto, args.threads)
     result = {
         "checkpoint": args.checkpoint,
         "model": loaded.name,

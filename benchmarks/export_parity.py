@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bayesian_bits.data import build_datasets
-from bayesian_bits.export import export, load_eval_model, load_packed, onnx_model, onnxruntime_session
+from bayesian_bits.export import export, load_eval_model, load_packed, onnxruntime_session
 from bayesian_bits.export.pruned import layer_parameters
 from bayesian_bits.pipeline.experiments import get_experiment
 
@@ -41,7 +41,7 @@ def main() -> None:
     files = {fmt: folder / name for fmt, name in (("manifest", "manifest.json"), ("pruned", "pruned.pt"),
                                                   ("packed", "model.packed"), ("onnx", "model.onnx"))}
     summaries = {fmt: export(args.checkpoint, fmt, path) for fmt, path in files.items()}
-    pruned, _ = onnx_model(loaded)
+    pruned = torch.load(files["pruned"], weights_only=False)
     packed = load_packed(files["packed"])
     session = onnxruntime_session(files["onnx"])
     models = {"pytorch_eval": loaded.model, "pruned": pruned, "packed": packed}

@@ -2,7 +2,8 @@
 
 Each variant runs one epoch of the real training loop (`bayesian_bits.pipeline.loop.train_epoch`) with the
 reference README's MNIST settings (batch 128, Adam 1e-3 for every group, λ = 0.1, gammas 6, 6, −6, −6,
-pruning, BOP regulariser), after a few warm-up batches. Prints the epoch times and ratios, writes JSON.
+pruning, BOP regulariser), after a few warm-up batches, timed by `benchmarks.harness`. Prints the epoch times
+and ratios, writes JSON.
 
     python -m benchmarks.bench_lenet5_epoch --data-dir data --threads 2
 """
@@ -10,9 +11,7 @@ pruning, BOP regulariser), after a few warm-up batches. Prints the epoch times a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ import bayesian_bits as bb
 from bayesian_bits.data import mnist, train_loader
 from bayesian_bits.pipeline.distributed import DistEnv
 from bayesian_bits.pipeline.loop import StepSettings, TrainingModule, train_epoch
+
+from . import harness
 
 CONFIG = bb.QuantConfig(
     gamma_4_init=6, gamma_8_init=6, gamma_16_init=-6, gamma_32_init=-6, include_pruning=True, reg_type="bop"
@@ -51,7 +52,7 @@ def time_epoch(variant: str, loader, calibration: torch.Tensor, batches: int | N
             module, loader, [optimizer], [], StepSettings(GATING_LAMBDA, 0.0, None, None, n), env, variant
         )
         run(warmup)
-        return run(batches).seconds
+        return harness.measure(lambda: run(batches), device="cpu", warmup=0, reps=1).median / 1e3
     finally:
         os.environ.pop("BBKERNELS_BACKEND", None)
 
@@ -75,12 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "bb_over_float": seconds["bayesian-bits"] / seconds["float"],
         "reference_over_bb": seconds["bayesian-bits-reference"] / seconds["bayesian-bits"],
         "batches": args.batches or len(loader),
-        "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    harness.write_json(args.json, result, "cpu")
     for variant, s in seconds.items():
         print(f"{variant:26s} {s:8.1f} s")
     print(f"Bayesian Bits / float: {result['bb_over_float']:.2f}x (target <= 1.5x); "

@@ -5,16 +5,14 @@
 
 Both PyTorch models run in eval mode with the same fake-quantized activations; the pruned one has the pruned
 channels physically removed; the ONNX graph is the pruned model with QDQ nodes, run by onnxruntime's CPU provider
-with the same thread count. Prints and writes JSON (median of --repeats timed forwards after warm-up).
+with the same thread count. Prints and writes JSON (median of --repeats timed forwards after warm-up, timed by
+`benchmarks.harness`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,18 +22,13 @@ import torch
 from bayesian_bits.export import load_eval_model, onnx_model, onnxruntime_session
 from bayesian_bits.export.pruned import layer_parameters
 
+from . import harness
+
 
 @torch.no_grad()
 def latency_ms(model: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
     """Median wall time of one forward in milliseconds, after 3 warm-up calls."""
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return harness.measure(lambda: model(x), device="cpu", warmup=3, reps=repeats).median
 
 
 def onnxruntime_forward(proto: Any, threads: int) -> Callable[[torch.Tensor], object]:
@@ -60,9 +53,6 @@ def main() -> None:
     result = {
         "checkpoint": args.checkpoint,
         "model": loaded.name,
-        "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
         "parameters": {"eval": layer_parameters(loaded.model), "pruned": layer_parameters(pruned)},
         "latency_ms": {},
     }
@@ -72,8 +62,7 @@ def main() -> None:
         ort = latency_ms(ort_forward, x, args.repeats)
         result["latency_ms"][str(batch)] = {"eval": full, "pruned": small, "onnxruntime": ort,
                                             "speedup": full / small}
-    print(json.dumps(result, indent=1))
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(harness.write_json(Path(args.out), result, "cpu"), indent=1))
 
 
 if __name__ == "__main__":

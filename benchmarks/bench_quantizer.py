@@ -1,10 +1,10 @@
 """Microbenchmark of the quantize-and-gate operator against the reference ops and torch's fake-quant ops.
 
 For each size (2^a … 2^b fp32 elements), tensor kind (weight-shaped with a per-channel g2, or
-activation-shaped without) and mode (forward, forward+backward), every provider is timed as the
-median of many runs after warm-up. Bytes moved: forward reads x and writes y; forward+backward also
-reads x and ∂L/∂y and writes ∂L/∂x. Prints a table (ms, GB/s, speed-up over the reference) and
-writes CSV.
+activation-shaped without) and mode (forward, forward+backward), every provider is timed by
+`benchmarks.harness` (median and 20/80 % quantiles of many runs after 3 warm-ups). Bytes moved:
+forward reads x and writes y; forward+backward also reads x and ∂L/∂y and writes ∂L/∂x. Prints a
+table (ms, GB/s, speed-up over the reference) and writes CSV.
 
     python -m benchmarks.bench_quantizer --sizes 16-24 --threads 2 --csv bench_out/quantizer.csv
 """
@@ -12,11 +12,7 @@ writes CSV.
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +22,8 @@ from torch import Tensor
 
 import bbkernels
 from bbkernels import reference
+
+from . import harness
 
 WEIGHT_CHANNELS = 256
 ALL_ON = (1.0, 1.0, 1.0, 1.0)  # all five levels active
@@ -96,27 +94,13 @@ def providers(device: str) -> dict[str, Callable[..., Tensor]]:
     return out
 
 
-def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 3) -> float:
-    """Median wall time of fn in milliseconds."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def run_point(fn: Callable[..., Tensor], case: Case, mode: str, device: str, reps: int) -> float:
+def run_point(fn: Callable[..., Tensor], case: Case, mode: str, device: str, reps: int) -> harness.Timing:
+    """Per-call times of `fn` on `case` in `mode` (fwd, or fwd+bwd: gradients for every input)."""
     if mode == "fwd":
         def step():
             with torch.no_grad():
                 fn(case.x, case.x_max, case.gates, case.g2)
-        return time_ms(step, device, reps)
+        return harness.measure(step, device=device, warmup=3, reps=reps)
     x = case.x.detach().requires_grad_()
     small = (case.x_max, case.gates) + ((case.g2,) if case.g2 is not None else ())
     leaves = [t.detach().requires_grad_() for t in small]
@@ -127,16 +111,7 @@ def run_point(fn: Callable[..., Tensor], case: Case, mode: str, device: str, rep
         inputs = [x] + [t for t in leaves if t.grad_fn is None and y.grad_fn is not None]
         torch.autograd.grad(y, inputs, case.grad, allow_unused=True)
 
-    return time_ms(step, device, reps)
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return harness.measure(step, device=device, warmup=3, reps=reps)
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -174,20 +149,17 @@ def main(argv: list[str] | None = None) -> int:
                 base = None
                 for name, fn in table.items():
                     reps = max(3, args.reps // 3) if name.startswith("reference") else args.reps
-                    ms = run_point(fn, case, mode, args.device, reps)
+                    timing = run_point(fn, case, mode, args.device, reps)
+                    ms = timing.median
                     base = ms if name == "reference" else base
                     nbytes = case.x.numel() * case.x.element_size() * (2 if mode == "fwd" else 5)
                     rows.append(dict(provider=name, kind=kind, log2n=log2n, numel=case.x.numel(), mode=mode,
-                                     ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 2),
+                                     **timing.summary("ms"), gbps=round(nbytes / ms / 1e6, 2),
                                      speedup_vs_reference=round(base / ms, 2) if base else ""))
                     print(f"{kind:10s} 2^{log2n:<3d} {mode:8s} {name:28s} {ms:10.3f} ms", file=sys.stderr)
 
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\n{machine(args.device)}, {args.threads} threads, torch {torch.__version__}; CSV: {args.csv}")
+    harness.write_csv(args.csv, rows, args.device)
+    print(f"\n{harness.device_name(args.device)}, {args.threads} threads, torch {torch.__version__}; CSV: {args.csv}")
     print(f"{'kind':10s} {'size':>5s} {'mode':8s} {'provider':28s} {'ms':>10s} {'GB/s':>8s} {'vs ref':>7s}")
     for r in rows:
         print(f"{r['kind']:10s} {'2^' + str(r['log2n']):>5s} {r['mode']:8s} {r['provider']:28s} "

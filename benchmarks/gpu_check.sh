@@ -4,7 +4,8 @@
 # Needs only this repository and a system python with torch + triton (no network, no installs).
 # Results go to $OUT (default ./bench_out): test log, microbenchmark CSV, ResNet-18 quantizer CSV.
 # Every stage has its own time limit, so a slow or failing stage never starves the benchmarks.
-# Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to choose the interpreter)
+# Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to choose the interpreter; BENCH_GIT_COMMIT=... stamps the
+# CSV rows with the commit when this copy of the tree has no .git)
 set -u -o pipefail
 SECONDS=0
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ else
     echo "benchmarks/bench_quantizer.py missing: skipped"
 fi
 
-stage "ResNet-18: 49 quantizers, forward + backward, one CUDA graph"
+stage "ResNet-18: every quantizer of the model, forward + backward, one CUDA graph"
 timeout 70 $PY -m benchmarks.bench_resnet18_quantizers --device cuda --batch 64 \
     --csv "$OUT/resnet18_quantizers.csv" 2>&1 | tail -12 || status=1
 

@@ -8,7 +8,8 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What the quantizers of a model do (SPEC B §1–3, §6.1; defaults = the reference's CLI defaults).
+    """What the quantizers of a model do (SPEC B §1–3, §6.1). Defaults are the reference's CLI defaults except
+    learned_scale: 'range' here (the Python API learns x_max unless told not to), unset on the command line.
 
     gamma_*_init: initial gate logits of every quantizer (the pruning logits gamma_2 always start at 6).
     include_pruning: per-output-channel pruning gates on weights (not on the logits layer or depthwise convs).

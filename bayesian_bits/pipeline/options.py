@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 from .errors import UsageError
 from .experiments import EXPERIMENTS, MODELS
@@ -10,6 +12,21 @@ from .optim import OPTIMIZERS
 from .schedules import SCHEDULE_HELP, parse_lr_schedule
 
 DEBUG_BATCHES = 11  # --debug: each epoch stops after this many batches (reference behaviour)
+
+
+class _DoesNothing(argparse.Action):
+    """A reference flag accepted so that the reference's commands still run; it changes nothing, and using it
+    prints a warning that says so."""
+
+    def __init__(self, *args: Any, reason: str, **kwargs: Any) -> None:
+        super().__init__(*args, help=f"deprecated, does nothing: {reason}", **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated and does nothing: {self.reason}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +43,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, choices=list(MODELS), help="lenet5quantized (mnist), vggquantized (cifar10), "
         "resnet18 or mobilenetv2 (imagenet)"
     )
-    ref.add_argument("--method", default="bayesian_bits", choices=["bayesian_bits"], help="the only method")
+    ref.add_argument("--method", action=_DoesNothing, default="bayesian_bits", choices=["bayesian_bits"],
+                     reason="Bayesian Bits is the only method")
     ref.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights "
                      "(resnet18, mobilenetv2; fetched into the torch hub cache when missing)")
     ref.add_argument("--batch-size", type=int, default=64, help="global batch size, train and eval (default 64); "
@@ -81,9 +99,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     bb.add_argument("--fixed-48bit", action="store_true", help="fixed W4A8 quantization with learned ranges")
     bb.add_argument("--static-fold-bn", action="store_true",
                     help="fold BatchNorm with its running statistics from the start (statistics frozen)")
-    bb.add_argument("--checkpointing", action="store_true",
-                    help="accepted for the reference's commands and otherwise a no-op: the fused quantize-and-gate "
-                    "operator already saves only its input for the backward pass")
+    bb.add_argument("--checkpointing", action=_DoesNothing, nargs=0, default=False,
+                    reason="the fused quantize-and-gate operator already saves only its input for the backward pass")
     bb.add_argument("--fixed-gate-finetune-epochs", type=int, default=0,
                     help="after training, freeze the gates (fixed bit widths and prune masks), fold BN and fine-tune "
                     "this many epochs (SGD 1e-4 weights, Adam 1e-4 ranges, cosine per iteration; default 0)")

@@ -1,4 +1,9 @@
-"""Which kernel runs the operator: names, availability, and the choice in effect (SPEC A5)."""
+"""Which kernel runs the operator: names, availability, and the choice in effect (SPEC A5).
+
+The policy, applied per call by the op's CPU and CUDA registrations (ops.py): $BBKERNELS_BACKEND if set, else
+the C++ kernel on CPU tensors and Triton, then CUDA C++, on CUDA tensors, each falling back to the reference.
+Availability never builds anything: a C++/CUDA kernel is available when built in the cache or buildable here.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,12 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 _DEFAULT = {"cpu": "cpu", "cuda": "triton"}
 _FALLBACK = {"triton": "cuda"}
 _DEVICES = {"cpu": ("cpu",), "triton": ("cuda", "cpu"), "cuda": ("cuda",), "reference": None}
-_MODULES = {"cpu": "bbkernels.cpu", "triton": "bbkernels.triton_kernels", "cuda": "bbkernels.cuda"}
+_MODULES = {
+    "reference": "bbkernels.reference",
+    "cpu": "bbkernels.cpu",
+    "triton": "bbkernels.triton_kernels",
+    "cuda": "bbkernels.cuda",
+}
 
 
 class Kernel(Protocol):
@@ -40,7 +50,7 @@ class Kernel(Protocol):
 
 
 def kernel(name: str) -> Kernel:
-    """The backend module implementing `name` (not `reference`, which has no kernel)."""
+    """The backend module implementing `name`."""
     return importlib.import_module(_MODULES[name])
 
 
@@ -70,7 +80,7 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
 
     An explicit choice that cannot run raises ValueError. The default degrades: Triton → CUDA C++ →
     reference on GPUs, C++ → reference on CPUs (the C++ loader warns once when it cannot build).
-    Under torch.compile it runs once, at trace time.
+    Never builds a kernel. Under torch.compile it runs once, at trace time.
     """
     device_type = torch.device(device).type
     choice = backend or os.environ.get(ENV_VAR) or None

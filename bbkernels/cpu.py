@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from .build import ExtensionKernel, load_extension
+from .build import Extension, ExtensionKernel
 
 # No FMA contraction and no fast-math: the kernel is bit-exact with the reference forward.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
 
-_kernel = ExtensionKernel(lambda: load_extension("bbkernels_cpu", ("bb_quant_cpu.cpp",), CFLAGS))
+EXTENSION = Extension("bbkernels_cpu", ("bb_quant_cpu.cpp",), CFLAGS)
+_kernel = ExtensionKernel(EXTENSION)
 forward, backward = _kernel.forward, _kernel.backward
 
 
 def available() -> bool:
-    """Whether the C++ kernel is built (building it on first call)."""
+    """Whether the C++ kernel is built or can be built here (never builds)."""
     return _kernel.available()

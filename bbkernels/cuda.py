@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import sysconfig
 from pathlib import Path
 
 import torch
 
-from .build import CSRC, ExtensionKernel, load_extension
+from .build import CSRC, Extension, ExtensionKernel
 
 SOURCES = ("bb_quant_cuda.cu", "bb_quant_cuda_bind.cpp")
 CFLAGS = ("-O3",)
 # Bit-exactness: no FMA contraction, IEEE division, no fast math (SPEC B §10.2).
 NVCC_FLAGS = ("-O3", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false")
 
-
-@functools.cache
-def _ext():
-    return load_extension("bbkernels_cuda", SOURCES, CFLAGS, NVCC_FLAGS)
-
-
-_kernel = ExtensionKernel(_ext)
+EXTENSION = Extension("bbkernels_cuda", SOURCES, CFLAGS, NVCC_FLAGS)
+_kernel = ExtensionKernel(EXTENSION)
 forward, backward = _kernel.forward, _kernel.backward
 
 
 def available() -> bool:
-    """Whether a CUDA device is present and the extension builds (building it on first call)."""
+    """Whether a CUDA device is present and the extension is built or can be built here (never builds)."""
     return torch.cuda.is_available() and _kernel.available()
 
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import reference, validation
 from .backends import resolve_backend
-from .ops import quantize
+from .ops import quantize, quantize_on
+
+
+def _call(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int,
+          backend: str | None) -> Tensor:  # fmt: skip
+    name = resolve_backend(x.device, backend)
+    if name == "reference":  # differentiated by autograd through the reference itself
+        validation.check_values(x_max, gates)
+        return reference.forward(x, x_max, gates, g2, signed, bits)
+    if backend is None:  # the op's per-device registration applies the same policy
+        return quantize(x, x_max, gates, g2, signed, bits)
+    return quantize_on(x, x_max, gates, g2, signed, bits, name)
 
 
 def bb_quantize(
@@ -22,8 +34,9 @@ def bb_quantize(
 
     Args:
         x: fp32/fp16/bf16 tensor; for weights dim 0 is the output channel.
-        x_max: one-element tensor, the learned clip bound (range ±x_max signed, [0, x_max] unsigned).
-        gates: (g4, g8, g16, g32) on x's device, sampled or thresholded; the first zero ends the chain.
+        x_max: one-element tensor, the learned clip bound (range ±x_max signed, [0, x_max] unsigned), within
+            `reference.X_MAX_RANGE`.
+        gates: (g4, g8, g16, g32) on x's device, finite, sampled or thresholded; the first zero ends the chain.
         g2: optional per-output-channel pruning gate, shape (x.shape[0],).
         signed: symmetric signed grid (True) or unsigned (False).
         backend: `reference`, `cpu`, `triton` or `cuda`; default from $BBKERNELS_BACKEND or the device.
@@ -31,15 +44,9 @@ def bb_quantize(
     Returns y with x's shape and dtype; gradients are straight-through (SPEC B §10.3). A NaN in x
     gives NaN in that element of y (and NaN reductions in the x_max, gate and g2 gradients).
     """
-    x = validation.check_x(x)
-    x_max = validation.check_x_max(x_max, x)
-    gates = validation.check_gates(gates, x)
-    g2 = validation.check_channel_vector("g2", g2, x)
-    signed = validation.check_signed(signed)
-    name = resolve_backend(x.device, backend)
-    if name == "reference":
-        return reference.bb_quantize(x, x_max, gates, g2, signed=signed)
-    return quantize(x, x_max, gates, g2, signed, 0, name)
+    if not torch.compiler.is_compiling():  # traced, the op's fake implementation checks the same
+        validation.check_operands(x, x_max, gates, g2, signed, 0)
+    return _call(x, x_max, gates, g2, signed, 0, backend)
 
 
 def fixed_quantize(
@@ -55,12 +62,7 @@ def fixed_quantize(
 
     `mask` is an optional fixed per-output-channel 0/1 vector; other arguments as `bb_quantize`.
     """
-    x = validation.check_x(x)
-    x_max = validation.check_x_max(x_max, x)
-    bits = validation.check_bits(bits)
-    mask = validation.check_channel_vector("mask", mask, x)
-    signed = validation.check_signed(signed)
-    name = resolve_backend(x.device, backend)
-    if name == "reference":
-        return reference.fixed_quantize(x, x_max, bits, mask, signed=signed)
-    return quantize(x, x_max, None, mask, signed, bits, name)
+    if not torch.compiler.is_compiling():
+        validation.check_bits(bits)
+        validation.check_operands(x, x_max, None, mask, signed, bits, channel="mask")
+    return _call(x, x_max, None, mask, signed, bits, backend)

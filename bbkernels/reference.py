@@ -4,7 +4,8 @@ Forward: SPEC Part B §1.4–1.7 and §10.2, in the reference's fp32 operation o
 straight-through rounding through autograd. Backward: autograd, or the closed form of §10.3
 (`closed_form_grads`), which the kernels implement.
 
-`compute_dtype` lets the same formulas run in float64 for the error bound of SPEC A4.
+`compute_dtype` lets the same formulas run in float64 for the error bound of SPEC A4. `forward` and
+`backward` are the reference as a backend kernel: the custom op's default implementation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ SHRINK = 1 - 1e-7  # pact_clip's factor; 1 - 2**-23 once rounded to fp32 (SPEC B
 BITS = (2, 4, 8, 16, 32)
 LEVEL_DIVISORS = (5, 17, 257, 65537)  # s_{2b} = s_b / (2^b + 1)  (SPEC B §1.5)
 LEVEL_C = (1, 5, 85, 21845, 1431655765)  # s_b = s_2 / c_b
+# The x_max whose fp32 grids are finite (≈ 1.6e-27 … 1.1e37, exact in fp32): s_32 stays a normal number and
+# 2·x_max does not overflow.
+X_MAX_RANGE = (2.0**-89, 2.0**123)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -148,19 +152,19 @@ def closed_form_grads(
     g = grad.to(cd)
     xf = x.to(cd)
     xm_param = x_max.to(cd).reshape(())
-    shrink = torch.tensor(SHRINK, dtype=cd)
+    shrink = torch.tensor(SHRINK, dtype=cd, device=x.device)
     xm = xm_param * shrink
     xmin = -xm if signed else torch.zeros_like(xm)
     xc = clip(xf, xm_param, signed)
     all_s = scales(xm_param, signed)
     if bits:
         first = level_index(bits)
-        s_used, c_used, gate_vals = [all_s[first]], [LEVEL_C[first]], torch.zeros(4, dtype=cd)
+        s_used, c_used, gate_vals = [all_s[first]], [LEVEL_C[first]], torch.zeros(4, dtype=cd, device=x.device)
     else:
         s_used, c_used, gate_vals = all_s, LEVEL_C, active_gates(gates.to(cd))
     n_levels = len(s_used) if bits else 1 + int(torch.count_nonzero(torch.cumprod(gate_vals > 0, 0)))
     C = x.shape[0] if g2 is not None else 1
-    G2 = _channel_view(g2.to(cd), xf) if g2 is not None else torch.ones((), dtype=cd)
+    G2 = _channel_view(g2.to(cd), xf) if g2 is not None else torch.ones((), dtype=cd, device=x.device)
 
     rho, xs, es = xc, [], []
     for k in range(n_levels):
@@ -177,7 +181,7 @@ def closed_form_grads(
     Gs = [G2]
     for k in range(n_levels - 1):
         Gs.append(Gs[-1] * gate_vals[k])
-    Gs.append(torch.zeros((), dtype=cd))
+    Gs.append(torch.zeros((), dtype=cd, device=x.device))
 
     inside = ((xf > xmin) & (xf < xm)).to(cd)
     clipsign = (xf >= xm).to(cd) - ((xf <= -xm) & signed).to(cd)
@@ -186,8 +190,28 @@ def closed_form_grads(
     t = g * G2 * shrink * clipsign
     for k in range(n_levels):
         t = t + kappa / c_used[k] * g * es[k] * (Gs[k] - Gs[k + 1])
-    dgates = torch.zeros(4, dtype=cd)
+    dgates = torch.zeros(4, dtype=cd, device=x.device)
     for k in range(n_levels - 1):
         dgates[k] = (g * Gs[k] * us[k + 1]).sum()
     dg2 = (g * z).reshape(C, -1).sum(1)
     return dx, t.sum(), dgates, dg2
+
+
+def available() -> bool:
+    """The reference runs everywhere."""
+    return True
+
+
+def forward(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int) -> Tensor:
+    """The op's forward (bits = 0: the gated chain; else fixed-bit with g2 as the mask)."""
+    if bits:
+        return fixed_quantize(x, x_max, bits, g2, signed=signed)
+    return bb_quantize(x, x_max, gates, g2, signed=signed)
+
+
+def backward(
+    grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's backward: the closed form in float64, as (dx in x's dtype, dx_max[1], dgates[4], dg2[C]) fp32."""
+    dx, dxm, dgates, dg2 = closed_form_grads(grad, x, x_max, gates, g2, signed=signed, bits=bits)
+    return dx.to(x.dtype), dxm.reshape(1).float(), dgates.float(), dg2.float()

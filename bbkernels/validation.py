@@ -1,63 +1,73 @@
-"""Argument checks for the public operator: each error names the argument and the fix."""
+"""The operator's contract, checked by the public functions and by every implementation of the custom ops.
+
+Checks are `torch._check_*` calls (ValueError / TypeError naming the argument and the fix), so they also run on
+fake tensors under torch.compile. `check_values` reads x_max and the gates, so only real implementations call it.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from .reference import BITS
+from .reference import BITS, X_MAX_RANGE
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OP_BITS = (0, *BITS)  # 0: the gated chain; else a fixed bit width
 
 
-def _tensor(name: str, value: object) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {value.dtype}")
+def _floating(name: str, value: object) -> Tensor:
+    torch._check_type(isinstance(value, Tensor), lambda: f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    torch._check_type(
+        value.is_floating_point(),
+        lambda: f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {value.dtype}",
+    )
     return value
 
 
 def _same_device(name: str, value: Tensor, x: Tensor) -> None:
-    if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but x is on {x.device}; move {name} to {x.device}")
+    torch._check_value(
+        value.device == x.device,
+        lambda: f"{name} is on {value.device} but x is on {x.device}; move {name} to {x.device}",
+    )
 
 
 def check_x(x: object) -> Tensor:
     """x: a non-empty fp32/fp16/bf16 tensor."""
-    x = _tensor("x", x)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}; cast it with x.float()")
-    if x.numel() == 0:
-        raise ValueError(f"x is empty (shape {tuple(x.shape)}); quantize a tensor with at least one element")
+    x = _floating("x", x)
+    torch._check_type(
+        x.dtype in FLOAT_DTYPES, lambda: f"x must be fp32, fp16 or bf16, got {x.dtype}; cast it with x.float()"
+    )
+    torch._check_value(
+        x.numel() > 0, lambda: f"x is empty (shape {tuple(x.shape)}); quantize a tensor with at least one element"
+    )
     return x
 
 
 def check_x_max(x_max: object, x: Tensor) -> Tensor:
-    """x_max: one positive finite element on x's device.
-
-    The value is checked only where that costs no device synchronisation (CPU tensors); on GPUs a
-    non-positive or non-finite x_max makes the kernels return NaN everywhere instead.
-    """
-    x_max = _tensor("x_max", x_max)
-    if x_max.numel() != 1:
-        raise ValueError(f"x_max must hold exactly one element, got shape {tuple(x_max.shape)}")
+    """x_max: one floating-point element on x's device (its value: `check_values`)."""
+    x_max = _floating("x_max", x_max)
+    torch._check_value(
+        x_max.numel() == 1, lambda: f"x_max must hold exactly one element, got shape {tuple(x_max.shape)}"
+    )
     _same_device("x_max", x_max, x)
-    if x_max.device.type == "cpu" and not torch.compiler.is_compiling():
-        value = float(x_max.detach().reshape(()))
-        if not (value > 0 and value < float("inf")):
-            raise ValueError(
-                f"x_max must be positive and finite, got {value}: run the calibration forward first, or if the "
-                "range was learned down to this value, lower its learning rate"
-            )
     return x_max
 
 
-def check_gates(gates: object, x: Tensor) -> Tensor:
-    """gates: the four level gates (g4, g8, g16, g32)."""
-    gates = _tensor("gates", gates)
-    if tuple(gates.shape) != (4,):
-        raise ValueError(f"gates must have shape (4,) holding (g4, g8, g16, g32), got {tuple(gates.shape)}")
+def check_gates(gates: object, x: Tensor, bits: int) -> Tensor | None:
+    """gates: the four level gates (g4, g8, g16, g32) of the gated chain (bits = 0); None for a fixed bit width."""
+    if bits:
+        torch._check_value(gates is None, lambda: f"gates must be None for a fixed bit width (bits = {bits})")
+        return None
+    torch._check_value(
+        gates is not None, lambda: "gates are required for the gated chain (bits = 0): pass (g4, g8, g16, g32)"
+    )
+    gates = _floating("gates", gates)
+    torch._check_value(
+        gates.dim() == 1 and gates.shape[0] == 4,
+        lambda: f"gates must have shape (4,) holding (g4, g8, g16, g32), got {tuple(gates.shape)}",
+    )
     _same_device("gates", gates, x)
     return gates
 
@@ -66,26 +76,76 @@ def check_channel_vector(name: str, value: object, x: Tensor) -> Tensor | None:
     """g2 or mask: None, or one value per output channel (dim 0 of x)."""
     if value is None:
         return None
-    value = _tensor(name, value)
-    if x.dim() == 0 or value.dim() != 1 or value.shape[0] != x.shape[0]:
-        want = x.shape[0] if x.dim() else "—"
-        raise ValueError(
-            f"{name} must be a 1-D tensor with one entry per output channel (x.shape[0] = {want}), "
-            f"got shape {tuple(value.shape)}"
-        )
+    value = _floating(name, value)
+    torch._check_value(
+        x.dim() >= 1 and value.dim() == 1 and value.shape[0] == x.shape[0],
+        lambda: f"{name} must be a 1-D tensor with one entry per output channel "
+        f"(x.shape[0] = {x.shape[0] if x.dim() else '—'}), got shape {tuple(value.shape)}",
+    )
     _same_device(name, value, x)
     return value
 
 
-def check_bits(bits: object) -> int:
-    """bits: a power of two from 2 to 32."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+def check_bits(bits: object, allowed: tuple[int, ...] = BITS) -> int:
+    """bits: one of `allowed` (a power of two from 2 to 32 for fixed-bit quantization)."""
+    torch._check_value(
+        isinstance(bits, int) and not isinstance(bits, bool) and bits in allowed,
+        lambda: f"bits must be one of {allowed}, got {bits!r}",
+    )
     return bits
 
 
 def check_signed(signed: object) -> bool:
     """signed: a Python bool."""
-    if not isinstance(signed, bool):
-        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    torch._check_type(isinstance(signed, bool), lambda: f"signed must be a bool, got {type(signed).__name__}")
     return signed
+
+
+def check_grad(grad: object, x: Tensor) -> Tensor:
+    """grad: the output gradient, floating point, x's shape and device."""
+    grad = _floating("grad", grad)
+    torch._check_value(
+        grad.shape == x.shape, lambda: f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}"
+    )
+    _same_device("grad", grad, x)
+    return grad
+
+
+def check_operands(
+    x: object, x_max: object, gates: object, g2: object, signed: object, bits: object, channel: str = "g2"
+) -> None:
+    """Everything but the values of the op's arguments (bits = 0: gated chain; `channel` names g2 in errors)."""
+    x = check_x(x)
+    check_x_max(x_max, x)
+    bits = check_bits(bits, OP_BITS)
+    check_gates(gates, x, bits)
+    check_channel_vector(channel, g2, x)
+    check_signed(signed)
+
+
+def _values_message(x_max: float, gates: list[float] | None) -> str:
+    low, high = X_MAX_RANGE
+    if not low <= x_max <= high:
+        return (
+            f"x_max must lie in [{low:g}, {high:g}] (outside it the fp32 grid is not finite), got {x_max}: run the "
+            "calibration forward first, or if the range was learned to this value, lower its learning rate"
+        )
+    return f"gates must be finite, got {gates}"
+
+
+def check_values(x_max: Tensor, gates: Tensor | None) -> None:
+    """x_max (as fp32) within reference.X_MAX_RANGE, finite gates: ValueError on CPU tensors.
+
+    On other devices, and under torch.compile, the check is a device-side assertion (no host synchronisation).
+    """
+    x_max32 = x_max.detach().reshape(()).to(torch.float32)
+    if x_max.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = x_max32.item()
+        gate_values = None if gates is None else gates.detach().tolist()
+        ok = X_MAX_RANGE[0] <= value <= X_MAX_RANGE[1] and all(map(math.isfinite, gate_values or ()))
+        torch._check_value(ok, lambda: _values_message(value, gate_values))
+        return
+    ok = (x_max32 >= X_MAX_RANGE[0]) & (x_max32 <= X_MAX_RANGE[1])
+    if gates is not None:
+        ok = ok & torch.isfinite(gates.detach()).all()
+    torch._assert_async(ok, f"bbkernels: x_max must lie in {X_MAX_RANGE} and the gates must be finite")

@@ -25,7 +25,8 @@ stage "build the C++/CUDA extensions (JIT, cached)"
 timeout 150 $PY - <<'EOF' || status=1
 import time
 import bbkernels
-from bbkernels import cpu, cuda, triton_kernels
+from bbkernels import build, cpu, cuda, triton_kernels
+build.main()  # availability never builds: prebuild the C++ (and CUDA) extensions here
 for name, mod in (("cpu", cpu), ("cuda", cuda), ("triton", triton_kernels)):
     t0 = time.time()
     print(f"{name:7s} available={mod.available()} ({time.time() - t0:.0f} s)", flush=True)

@@ -37,7 +37,9 @@ struct Params {
   bool is_signed;
 };
 
-// fixed_bits: 0 for the gated chain (gates = g4…g32), else 2…32 (gates ignored, may be null).
+// fixed_bits: 0 for the gated chain (gates = g4…g32), else 2…32 (gates ignored, may be null). The callers
+// validate the arguments (bbkernels/validation.py); a bit width outside the chain or null gates for the chain
+// still give one level instead of reading past the gates or looping forever.
 BBQ_HD Params make_params(float x_max, bool is_signed, const float* gates, int fixed_bits) {
   Params p;
   const float shrink = 1.0f - 1e-7f;  // rounds to 1 − 2^−23, as the reference's fp32 constant
@@ -56,8 +58,8 @@ BBQ_HD Params make_params(float x_max, bool is_signed, const float* gates, int f
   const float c[kLevels] = {1.0f, 5.0f, 85.0f, 21845.0f, 1431655765.0f};
   const float kappa = is_signed ? 2.0f / 3.0f : 1.0f / 3.0f;
   int first = 0;
-  if (fixed_bits) {
-    while ((2 << first) != fixed_bits) ++first;
+  if (fixed_bits || !gates) {
+    while (fixed_bits && first + 1 < kLevels && (2 << first) != fixed_bits) ++first;
     p.levels = 1;
   } else {
     int n = 0;

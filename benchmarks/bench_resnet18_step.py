@@ -80,7 +80,8 @@ def main() -> None:
     bb.assign_macs(model)
     backend = bbkernels.resolve_backend("cpu")
     if backend != "cpu":
-        raise SystemExit(f"the fused C++ kernel is not available (backend {backend!r}); build csrc/ first")
+        raise SystemExit(f"the fused C++ kernel is not available (backend {backend!r}); "
+                         "build it with python -m bbkernels.build")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bbkernels backend {backend}")
     print(f"batch {args.batch}×3×{args.size}×{args.size}, {args.steps} timed steps each (median)")
 

@@ -1,110 +1,168 @@
-"""MAC counting, BOP-weighted regulariser set-up and the BOP report (SPEC B §3.2–3.7, §6.10)."""
+"""MACs, BOP-weighted regulariser set-up, the BOP report and its differentiable twin (SPEC B §3.2–3.7, §6.10, A8).
+
+Every figure is computed from the dataflow that `prepare` recorded (`dataflow.Dataflow`). The report and the
+expected BOPs walk the same terms with two evaluators: eval bit widths and 0/1 keep masks, or expected bit widths
+and keep probabilities from the gate logits (equal when every gate probability is 0 or 1).
+"""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import gates
-from .layers import QuantLayer
-from .quantizer import FLOAT_BITS, BayesianBitsQuantizer, FixedQuantizer
+from .dataflow import Slice, Term, dataflow, unwrap
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer
 
-INPUT_BITS = 8  # the network input has 8-bit colour values (§3.5)
 BASELINE_BITS = 32 * 32  # relative BOPs are against W32A32
 
 
-def _input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    if input_shape is not None:
-        return tuple(input_shape)
-    shape = getattr(model, "mac_input_shape", None)
-    if shape is None:
-        raise ValueError(f"{type(model).__name__} has no default MAC input shape; pass input_shape=(1, C, H, W)")
-    return shape
+def count_macs(model: nn.Module) -> dict[str, int]:
+    """MACs of every conv, linear and activation matmul for one batch-1 forward of the example input (§3.2):
+    bias adds are not counted."""
+    return {t.name: t.macs for t in dataflow(model).terms}
 
 
-@torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
-    """MACs of every conv and linear layer for one forward of `torch.rand(input_shape)` in eval mode (§3.2, §7.2);
-    bias adds are not counted. Default shape: the model's `mac_input_shape` (batch 1). Restores the mode."""
-    macs: dict[str, int] = {}
-
-    def hook(name: str):
-        def count(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                n, c, h, w = output.shape
-                macs[name] = n * c * h * w * kh * kw * module.in_channels // module.groups
-            else:
-                macs[name] = math.prod(output.shape[:-1]) * module.in_features * module.out_features
-
-        return count
-
-    handles = [
-        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    was_training = model.training
-    param = next(model.parameters())
-    try:
-        model.eval()
-        model(torch.rand(_input_shape(model, input_shape), device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return macs
-
-
-def _quantizer_at(model: nn.Module, path: str) -> nn.Module | None:
-    """The quantizer at `path`, None where the model has none there (float tensor)."""
-    parent, _, attr = path.rpartition(".")
-    return getattr(model.get_submodule(parent), attr)
+def _module(model: nn.Module, path: str | None) -> nn.Module | None:
+    return None if path is None else model.get_submodule(path)
 
 
 def _bb(module: nn.Module | None) -> BayesianBitsQuantizer | None:
     return module if isinstance(module, BayesianBitsQuantizer) else None
 
 
-def assign_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
+def assign_macs(model: nn.Module) -> dict[str, int]:
     """Give each Bayesian Bits quantizer its BOP weight MACs / max MACs for reg_type 'bop' (§3.2): a weight
-    quantizer its layer's MACs, a grouped activation quantizer the sum over the layers it feeds. Quantizers in
-    no group (pre-add tensors) and, in prune-only mode, activation quantizers keep weight 1. Returns the MACs."""
-    macs = count_macs(model, input_shape)
+    quantizer its layer's MACs, an activation quantizer the sum over the ops it feeds (a concatenation slice its
+    share). Quantizers feeding no op (pre-add tensors) and, in prune-only mode, activation quantizers keep weight
+    1. Returns the MACs."""
+    flow, model = dataflow(model), unwrap(model)
+    macs = {t.name: t.macs for t in flow.terms}
     max_macs = max(macs.values())
     prune_only = any(q.prune_only for q in model.modules() if isinstance(q, BayesianBitsQuantizer))
-    assigned: set[int] = set()
-    for group in model.topology().groups:
-        for name in group.layers:
-            q = _bb(model.get_submodule(name).weight_quantizer)
+    act_macs: dict[str, float] = {}
+    for term in flow.terms:
+        q = _bb(_module(model, term.weight))
+        if q is not None:
+            q.bop_weight = term.macs / max_macs
+        for s in (*term.inputs, *term.other):
+            if s.quantizer is not None:
+                act_macs[s.quantizer] = act_macs.get(s.quantizer, 0.0) + s.fraction * term.macs
+    if not prune_only:
+        for path, m in act_macs.items():
+            q = _bb(_module(model, path))
             if q is not None:
-                if id(q) in assigned:
-                    raise RuntimeError(f"weight quantizer of {name} is in two quantizer groups; fix the topology")
-                assigned.add(id(q))
-                q.bop_weight = macs[name] / max_macs
-        act = None if (group.act is None or prune_only) else _bb(_quantizer_at(model, group.act))
-        if act is not None:
-            act.bop_weight = sum(macs[n] for n in group.layers) / max_macs
+                q.bop_weight = m / max_macs
     return macs
 
 
-def _bits(q: nn.Module | None) -> int:
-    return FLOAT_BITS if q is None else q.bit_width()
+@dataclass(frozen=True)
+class Evaluator:
+    """How a quantizer's bit width and a layer's output-channel keep vector are read: eval gates or expectations."""
+
+    bits: Callable[[nn.Module], Tensor | float]
+    keep: Callable[[nn.Module], Tensor | None]
 
 
-def _mask(q: nn.Module | None) -> Tensor | None:
-    return None if q is None else q.keep_mask()
+def _eval_bits(q: nn.Module) -> float:
+    return float(q.bit_width())
 
 
-def _mean(mask: Tensor | None) -> float:
-    return 1.0 if mask is None else float(mask.float().mean())
+def _eval_keep(q: nn.Module) -> Tensor | None:
+    mask = q.keep_mask()
+    return None if mask is None else mask.float()
+
+
+def _expected_bits(q: nn.Module) -> Tensor | float:
+    return q.expected_bits() if isinstance(q, BayesianBitsQuantizer) else float(q.bit_width())
+
+
+def _expected_keep(q: nn.Module) -> Tensor | None:
+    if isinstance(q, BayesianBitsQuantizer):
+        return None if q.gamma_2 is None else gates.prob_on(q.gamma_2)
+    return _eval_keep(q)
+
+
+EVAL = Evaluator(_eval_bits, _eval_keep)
+EXPECTED = Evaluator(_expected_bits, _expected_keep)
+
+
+@dataclass
+class TermBops:
+    """One op's BOPs and the factors they are made of (tensors under EXPECTED, floats under EVAL)."""
+
+    term: Term
+    input_bits: Tensor | float
+    weight_bits: Tensor | float
+    kept_out: Tensor | float
+    kept_in: Tensor | float
+    bops: Tensor | float
+
+
+def _mean(v: Tensor | None) -> Tensor | float:
+    return 1.0 if v is None else v.mean()
+
+
+def term_bops(model: nn.Module, ev: Evaluator) -> list[TermBops]:
+    """Per op: BOPs = MACs · b_in · b_w · keep (§3.5). b_in mixes the input slices' bit widths by share (8 for the
+    network input); b_w is the weight's (32 for a float layer) or the second operand's for an activation matmul;
+    keep is the kept output share times the kept input share (each slice through its `mask_from` layer), and for a
+    depthwise conv the share of channels where both its own and its input's channels survive."""
+    flow, model = dataflow(model), unwrap(model)
+    out_keep: dict[str, Tensor | None] = {}  # effective kept-output vector of each layer (depthwise: with input's)
+
+    def bits(slices: tuple[Slice, ...]) -> Tensor | float:
+        return sum(s.fraction * (s.bits if s.quantizer is None else ev.bits(_module(model, s.quantizer)))
+                   for s in slices)
+
+    rows = []
+    for term in flow.terms:
+        wq = _module(model, term.weight)
+        own = None if wq is None else ev.keep(wq)
+        b_w = bits(term.other) if term.other else (32.0 if wq is None else ev.bits(wq))
+        upstream = [out_keep.get(s.mask_from) if s.mask_from else None for s in term.inputs]
+        if term.depthwise and len(upstream) == 1 and upstream[0] is not None:
+            eff = upstream[0] if own is None else own * upstream[0]
+            out_keep[term.name] = eff
+            kept_out, kept_in, keep = _mean(own), _mean(upstream[0]), _mean(eff)
+        else:
+            out_keep[term.name] = own
+            kept_out = _mean(own)
+            kept_in = sum(s.fraction * _mean(u) for s, u in zip(term.inputs, upstream, strict=True))
+            keep = kept_out * kept_in
+        b_in = bits(term.inputs)
+        rows.append(TermBops(term, b_in, b_w, kept_out, kept_in, term.macs * b_in * b_w * keep))
+    return rows
+
+
+def baseline_bops(model: nn.Module) -> int:
+    """W32A32 BOPs over every conv, linear and matmul: the denominator of relative BOPs (§3.5)."""
+    return dataflow(model).total_macs * BASELINE_BITS
+
+
+def expected_bops(model: nn.Module) -> Tensor:
+    """Differentiable expected BOPs from the gate probabilities (bit levels and pruning gates), the twin of
+    `bop_report`'s total: equal to it when every gate probability is 0 or 1."""
+    rows = term_bops(model, EXPECTED)
+    total = sum(r.bops for r in rows)
+    if not isinstance(total, Tensor):
+        total = torch.tensor(float(total))
+    return total
+
+
+def expected_relative_bops(model: nn.Module) -> Tensor:
+    """`expected_bops` in percent of W32A32, the unit of `bop_report`'s `relative_bops`."""
+    return 100.0 * expected_bops(model) / baseline_bops(model)
 
 
 def _quantizer_row(name: str, q: BayesianBitsQuantizer | FixedQuantizer) -> dict:
     row = {"name": name, "bits": q.bit_width(), "signed": q._signed, "x_max": float(q.x_max.detach())}
     mask = q.keep_mask()
-    row["kept_pct"] = None if mask is None else 100.0 * _mean(mask)
+    row["kept_pct"] = None if mask is None else 100.0 * float(mask.float().mean())
     if isinstance(q, BayesianBitsQuantizer):
         row["x_min"] = float(q.x_min)
         # Printed as plain σ(gamma), as the reference's table does (§6.10).
@@ -113,74 +171,52 @@ def _quantizer_row(name: str, q: BayesianBitsQuantizer | FixedQuantizer) -> dict
     return row
 
 
+def _num(v: Tensor | float) -> float:
+    return float(v)
+
+
+def _bits_value(v: Tensor | float) -> int | float:
+    f = float(v)
+    return int(f) if f.is_integer() else round(f, 3)
+
+
 @torch.no_grad()
-def bop_report(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict:
+def bop_report(model: nn.Module) -> dict:
     """Eval bit widths, keep ratios and BOPs relative to W32A32 with an 8-bit input (§3.5–3.6), as a JSON-able dict.
 
-    BOPs of a layer: MACs · b_a · b_w · keep, where b_a is the bit width of the quantizer feeding it (8 for the
-    network input, 32 for float tensors) and keep = kept output channels × kept input channels (the
-    previous layer's mask where the topology says it removes them; for depthwise convs the channels where both
-    survive). Quantizers in no group (pre-add) are not counted.
+    One row per conv/linear layer (and activation matmul); quantizers that feed no op (pre-add tensors) are listed
+    but not counted. MACs are those of the example input `prepare` was given (batch 1).
     """
-    macs = count_macs(model, input_shape)
-    topo = model.topology()
-    layers: dict[str, QuantLayer] = {n: model.get_submodule(n) for g in topo.groups for n in g.layers}
-    missing = set(macs) - set(layers)
-    if missing:
-        raise RuntimeError(f"layers {sorted(missing)} are in no quantizer group; fix {type(model).__name__}.topology")
-
-    def effective_mask(name: str) -> Tensor | None:
-        """Output channels that carry data: own mask, and for depthwise convs also the input's."""
-        layer = layers[name]
-        own = _mask(layer.weight_quantizer)
-        src = topo.input_from.get(name)
-        if src is None or not (isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels > 1):
-            return own
-        upstream = effective_mask(src)
-        if upstream is None:
-            return own
-        return upstream if own is None else own * upstream
-
+    inner = unwrap(model)
     rows, total = [], 0.0
-    for group in topo.groups:
-        b_a = INPUT_BITS if group.act is None else _bits(_quantizer_at(model, group.act))
-        for name in group.layers:
-            layer = layers[name]
-            src = topo.input_from.get(name)
-            in_mask = None if src is None else effective_mask(src)
-            out_keep = _mean(_mask(layer.weight_quantizer))
-            in_keep = _mean(in_mask)
-            depthwise = isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels > 1
-            keep = _mean(effective_mask(name)) if depthwise else out_keep * in_keep
-            b_w = _bits(layer.weight_quantizer)
-            bops = macs[name] * b_a * b_w * keep
-            total += bops
-            row = {
-                "name": name,
-                "macs": macs[name],
-                "input_bits": b_a,
-                "weight_bits": b_w,
-                "act_bits": None if layer.act_quantizer is None else _bits(layer.act_quantizer),
-                "kept_out_pct": 100.0 * out_keep,
-                "kept_in_pct": 100.0 * in_keep,
-                "gbops": bops / 1e9,
-            }
-            for kind in ("weight", "act"):
-                q = getattr(layer, f"{kind}_quantizer")
-                row[kind] = None if q is None else _quantizer_row(f"{name}.{kind}_quantizer", q)
-            rows.append(row)
-
-    quantizer_rows = [
-        _quantizer_row(n, m) for n, m in model.named_modules() if isinstance(m, (BayesianBitsQuantizer, FixedQuantizer))
-    ]
+    for r in term_bops(model, EVAL):
+        term = r.term
+        layer = None if term.other else inner.get_submodule(term.name)
+        act_q = None if layer is None else getattr(layer, "act_quantizer", None)
+        weight_q = _module(inner, term.weight)
+        total += _num(r.bops)
+        rows.append({
+            "name": term.name,
+            "macs": term.macs,
+            "input_bits": _bits_value(r.input_bits),
+            "weight_bits": _bits_value(r.weight_bits),
+            "act_bits": None if act_q is None else act_q.bit_width(),
+            "kept_out_pct": 100.0 * _num(r.kept_out),
+            "kept_in_pct": 100.0 * _num(r.kept_in),
+            "gbops": _num(r.bops) / 1e9,
+            "weight": None if weight_q is None else _quantizer_row(term.weight, weight_q),
+            "act": None if act_q is None else _quantizer_row(f"{term.name}.act_quantizer", act_q),
+        })
+    quantizer_rows = [_quantizer_row(n, m) for n, m in inner.named_modules()
+                      if isinstance(m, (BayesianBitsQuantizer, FixedQuantizer))]
     weight_counts = Counter(str(r["bits"]) for r in quantizer_rows if r["name"].endswith("weight_quantizer"))
     act_counts = Counter(str(r["bits"]) for r in quantizer_rows if not r["name"].endswith("weight_quantizer"))
-    baseline = sum(macs.values()) * BASELINE_BITS
+    baseline = baseline_bops(model)
     return {
         "relative_bops": 100.0 * total / baseline,
         "gbops": total / 1e9,
         "gbops_baseline": baseline / 1e9,
-        "total_macs": sum(macs.values()),
+        "total_macs": dataflow(model).total_macs,
         "weight_bit_counts": dict(sorted(weight_counts.items(), key=lambda kv: int(kv[0]))),
         "act_bit_counts": dict(sorted(act_counts.items(), key=lambda kv: int(kv[0]))),
         "layers": rows,
@@ -204,18 +240,16 @@ def format_report(report: dict) -> str:
         wg = " ".join(f"{g:.2f}" for g in w.get("gates", [])) or "-"
         ag = " ".join(f"{g:.2f}" for g in a.get("gates", [])) or "-"
         lines.append(
-            f"{r['name']:<32} {r['macs']:>11,} {r['input_bits']:>3} {r['weight_bits']:>3} "
+            f"{r['name']:<32} {r['macs']:>11,} {r['input_bits']:>3g} {r['weight_bits']:>3g} "
             f"{_fmt(r['act_bits'], 'd'):>3} {r['kept_out_pct']:>6.1f} {r['kept_in_pct']:>6.1f} "
             f"{_fmt(w.get('x_max'), '.4g'):>9} {_fmt(a.get('x_max'), '.4g'):>9}  {wg:<27} {ag:<27}"
         )
-    ungrouped = {r["name"] for r in report["quantizers"]} - {
-        q["name"] for r in report["layers"] for q in (r["weight"], r["act"]) if q
-    }
+    listed = {q["name"] for r in report["layers"] for q in (r["weight"], r["act"]) if q}
     for q in report["quantizers"]:
-        if q["name"] in ungrouped:
+        if q["name"] not in listed:
             lines.append(
-                f"{q['name']:<32} {'(block output)':>11} {'':>3} {'':>3} {q['bits']:>3} {'':>6} {'':>6} {'':>9} "
-                f"{q['x_max']:>9.4g}  {'':<27} {' '.join(f'{g:.2f}' for g in q.get('gates', [])) or '-':<27}"
+                f"{q['name']:<32} {'(not a layer input)':>11} {'':>3} {'':>3} {q['bits']:>3} {'':>6} {'':>6} "
+                f"{'':>9} {q['x_max']:>9.4g}  {'':<27} {' '.join(f'{g:.2f}' for g in q.get('gates', [])) or '-':<27}"
             )
     lines.append(f"weight quantizers per bit width: {report['weight_bit_counts']}")
     lines.append(f"activation quantizers per bit width: {report['act_bit_counts']}")

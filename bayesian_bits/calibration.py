@@ -22,7 +22,8 @@ def calibrate(model: nn.Module, images: Tensor) -> None:
     """
     found = quantizers(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no Bayesian Bits quantizers to calibrate")
+        raise ValueError(f"{type(model).__name__} has no Bayesian Bits quantizers to calibrate; convert it first: "
+                         "model = bayesian_bits.prepare(model, example_inputs)")
     was_training = model.training
     for name, q in found:
         q.calibrating = name

@@ -24,6 +24,9 @@ def convert_to_fixed(model: nn.Module) -> nn.Module:
     statically into its conv or linear layer (weight W·γ/σ_run, bias β − γ·μ_run/σ_run), freezing its statistics.
     Build optimizers after calling this.
     """
+    if not any(isinstance(q, BayesianBitsQuantizer) for q in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no Bayesian Bits quantizers to fix (a float model, or already "
+                         "converted); convert_to_fixed takes a prepared, trained model")
     for name, q in list(model.named_modules()):
         if isinstance(q, BayesianBitsQuantizer):
             if not q._initialized:

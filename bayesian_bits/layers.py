@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,13 +23,17 @@ class QuantLayer(nn.Module):
     weight_quantizer: nn.Module | None
     act_quantizer: nn.Module | None
 
-    def _attach(
+    def __init__(
         self,
-        bn: nn.Module | None,
-        activation: nn.Module | None,
-        weight_quantizer: nn.Module | None,
-        act_quantizer: nn.Module | None,
+        *args,
+        bn: nn.Module | None = None,
+        activation: nn.Module | None = None,
+        weight_quantizer: nn.Module | None = None,
+        act_quantizer: nn.Module | None = None,
+        **kwargs,
     ) -> None:
+        """The torch layer's own arguments, then the folded BN, the nonlinearity and the two quantizers."""
+        super().__init__(*args, **kwargs)
         self.bn = bn
         self.activation = activation
         self.weight_quantizer = weight_quantizer
@@ -64,49 +69,54 @@ class QuantLayer(nn.Module):
         return y
 
 
+class QuantConv1d(QuantLayer, nn.Conv1d):
+    """Conv1d (any groups, dilation, padding mode) with optional folded BN, activation and quantizers."""
+
+    _op = nn.Conv1d._conv_forward
+
+
 class QuantConv2d(QuantLayer, nn.Conv2d):
-    """Conv2d with optional BN (bias then dropped), activation, weight and output quantizers."""
+    """Conv2d (any groups, dilation, padding mode) with optional folded BN, activation and quantizers."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        batch_norm: bool = False,
-        activation: nn.Module | None = None,
-        weight_quantizer: nn.Module | None = None,
-        act_quantizer: nn.Module | None = None,
-    ) -> None:
-        nn.Conv2d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias and not batch_norm
-        )
-        self._attach(nn.BatchNorm2d(out_channels) if batch_norm else None, activation, weight_quantizer, act_quantizer)
-
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    _op = nn.Conv2d._conv_forward
 
 
 class QuantLinear(QuantLayer, nn.Linear):
-    """Linear with optional BN1d (bias then dropped), activation, weight and output quantizers."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        batch_norm: bool = False,
-        activation: nn.Module | None = None,
-        weight_quantizer: nn.Module | None = None,
-        act_quantizer: nn.Module | None = None,
-    ) -> None:
-        nn.Linear.__init__(self, in_features, out_features, bias=bias and not batch_norm)
-        self._attach(nn.BatchNorm1d(out_features) if batch_norm else None, activation, weight_quantizer, act_quantizer)
+    """Linear (any leading dimensions) with optional folded BN1d, activation and quantizers."""
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {
+    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
+}
+
+
+def quant_layer(
+    layer: nn.Conv1d | nn.Conv2d | nn.Linear,
+    *,
+    bn: nn.Module | None = None,
+    activation: nn.Module | None = None,
+    weight_quantizer: nn.Module | None = None,
+    act_quantizer: nn.Module | None = None,
+) -> QuantLayer:
+    """The quantized twin of a float conv/linear layer, holding its weight and bias parameters (a conv bias in
+    front of `bn` is absorbed into the running mean, as the reference does, §4.4)."""
+    cls = next(q for t, q in QUANT_LAYERS.items() if isinstance(layer, t))
+    if isinstance(layer, nn.Linear):
+        args, kwargs = (layer.in_features, layer.out_features), {}
+    else:
+        args = (layer.in_channels, layer.out_channels, layer.kernel_size)
+        kwargs = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
+                  "groups": layer.groups, "padding_mode": layer.padding_mode}
+    keep_bias = layer.bias is not None and bn is None
+    out = cls(*args, bias=keep_bias, device="meta", bn=bn, activation=activation,
+              weight_quantizer=weight_quantizer, act_quantizer=act_quantizer, **kwargs)
+    out.weight = layer.weight
+    if keep_bias:
+        out.bias = layer.bias
+    elif layer.bias is not None:
+        with torch.no_grad():
+            bn.running_mean.sub_(layer.bias)
+    return out

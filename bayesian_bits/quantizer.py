@@ -152,6 +152,17 @@ class BayesianBitsQuantizer(_Quantizer):
         on = gates.eval_gate(gammas) * (self.alive & (gammas > gates.SKIP_BELOW))
         return 2 ** (1 + int(torch.cumprod(on, 0).sum()))
 
+    def expected_bits(self) -> Tensor:
+        """Differentiable E[bit width] under the gate probabilities, 2 + 2·q4 + 4·q4q8 + 8·q4q8q16 + 16·q4q8q16q32
+        (skipped gates count as off); the fixed modes give their bit width. Equals `bit_width` at 0/1 probabilities."""
+        gammas = self.gammas
+        if self.fixed_bits or self.prune_only:
+            return gammas.new_tensor(float(self.bit_width()))
+        alive = torch.cumprod((self.alive & (gammas.detach() > gates.SKIP_BELOW)).to(gammas.dtype), 0)
+        reach = torch.cumprod(gates.prob_on(gammas) * alive, 0)
+        steps = reach.new_tensor([b // 2 for b in LEVEL_BITS])  # the bits each level adds
+        return 2.0 + (reach * steps).sum()
+
     @torch.no_grad()
     def keep_mask(self) -> Tensor | None:
         """Eval 0/1 pruning mask over output channels, or None without pruning."""

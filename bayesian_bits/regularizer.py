@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .quantizer import BayesianBitsQuantizer
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer
 
 
 def regularizer(model: nn.Module) -> Tensor:
     """Σ over every Bayesian Bits quantizer of its R_q (const or BOP-weighted after `assign_macs`); the loss is
-    CE + λ·regularizer(model). Zero for models without such quantizers (e.g. after `convert_to_fixed`)."""
+    CE + λ·regularizer(model). Zero after `convert_to_fixed`; a model without any quantizer is a ValueError."""
     terms = [m.regularizer() for m in model.modules() if isinstance(m, BayesianBitsQuantizer)]
     if not terms:
+        if not any(isinstance(m, FixedQuantizer) for m in model.modules()):
+            raise ValueError(f"{type(model).__name__} has no quantizers, so there is nothing to regularise; convert "
+                             "it first: model = bayesian_bits.prepare(model, example_inputs)")
         return next(model.parameters(), torch.zeros(())).new_zeros(())
     return torch.stack(terms).sum()

@@ -15,6 +15,10 @@ LENET_MACS = {"features.0": 460_800, "features.2": 3_276_800, "classifier.0": 52
 SMALL_IMAGENET = (2, 3, 64, 64)
 
 
+def sub(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return model.get_submodule(name)
+
+
 def calibrated(name: str, config: bb.QuantConfig, shape: tuple[int, ...]) -> torch.nn.Module:
     torch.manual_seed(0)
     model = bb.build_model(name, config)
@@ -46,8 +50,8 @@ def test_pruned_channels_in_lenet_bops():
     """keep = kept output channels × kept input channels (previous layer's mask, across the flatten too)."""
     model = calibrated("lenet5quantized", bb.QuantConfig(6, 6, -6, -6, include_pruning=True), LENET)
     with torch.no_grad():
-        model.features[0].weight_quantizer.gamma_2[:8] = -1.0  # 8 of 32 off (eval threshold −0.935)
-        model.features[2].weight_quantizer.gamma_2[:16] = -1.0  # 16 of 64 off
+        sub(model, "features.0").weight_quantizer.gamma_2[:8] = -1.0  # 8 of 32 off (eval threshold −0.935)
+        sub(model, "features.2").weight_quantizer.gamma_2[:16] = -1.0  # 16 of 64 off
     report = bb.bop_report(model)
     rows = {r["name"]: r for r in report["layers"]}
     assert rows["features.0"]["kept_out_pct"] == 75.0 and rows["features.2"]["kept_in_pct"] == 75.0
@@ -60,23 +64,22 @@ def test_pruned_channels_in_lenet_bops():
 
 def test_resnet18_counts_input_pruning_only_inside_blocks():
     model = calibrated("resnet18", bb.QuantConfig(6, 6, 6, -6, include_pruning=True), SMALL_IMAGENET)
-    block = model.features[2][0]
     with torch.no_grad():
-        block.features[0].weight_quantizer.gamma_2[:32] = -5.0
-        model.features[0].weight_quantizer.gamma_2[:32] = -5.0
+        sub(model, "layer1.0.conv1").weight_quantizer.gamma_2[:32] = -5.0
+        sub(model, "conv1").weight_quantizer.gamma_2[:32] = -5.0
     rows = {r["name"]: r for r in bb.bop_report(model)["layers"]}
-    assert rows["features.2.0.features.0"]["kept_out_pct"] == 50.0
-    assert rows["features.2.0.features.1"]["kept_in_pct"] == 50.0
-    assert rows["features.2.0.features.0"]["kept_in_pct"] == 100.0  # block input: not counted (§3.5)
+    assert rows["layer1.0.conv1"]["kept_out_pct"] == 50.0
+    assert rows["layer1.0.conv2"]["kept_in_pct"] == 50.0
+    assert rows["layer1.0.conv1"]["kept_in_pct"] == 100.0  # block input: not counted (§3.5)
 
 
 def test_mobilenetv2_counts_input_channel_pruning():  # A2 fix
     model = calibrated("mobilenetv2", bb.QuantConfig(6, 6, 6, -6, include_pruning=True), SMALL_IMAGENET)
     with torch.no_grad():
-        model.features[2].conv[0].weight_quantizer.gamma_2[:48] = -5.0  # 48 of 96 expanded channels
+        sub(model, "features.2.conv.0.0").weight_quantizer.gamma_2[:48] = -5.0  # 48 of 96 expanded channels
     rows = {r["name"]: r for r in bb.bop_report(model)["layers"]}
-    assert rows["features.2.conv.0"]["kept_out_pct"] == 50.0
-    dw, proj = rows["features.2.conv.1"], rows["features.2.conv.2"]
+    assert rows["features.2.conv.0.0"]["kept_out_pct"] == 50.0
+    dw, proj = rows["features.2.conv.1.0"], rows["features.2.conv.2"]
     assert dw["kept_in_pct"] == 50.0 and dw["kept_out_pct"] == 100.0  # depthwise: not pruned itself
     assert dw["gbops"] == pytest.approx(dw["macs"] * 16 * 16 * 0.5 / 1e9)
     assert proj["kept_in_pct"] == 50.0  # the dead channels stay dead through the depthwise conv
@@ -102,7 +105,7 @@ def test_regularizer_const_by_hand():
 def test_regularizer_bop_by_hand():
     model = calibrated("lenet5quantized", bb.QuantConfig(2, 0, -1, 1, include_pruning=True, reg_type="bop"), LENET)
     with torch.no_grad():
-        model.features[2].weight_quantizer.gamma_2[:10] = -3.0
+        sub(model, "features.2").weight_quantizer.gamma_2[:10] = -3.0
     macs = bb.assign_macs(model)
     assert macs == LENET_MACS
     top = 3_276_800
@@ -128,16 +131,16 @@ def test_regularizer_bop_by_hand():
     reg = bb.regularizer(model)
     assert reg.item() == pytest.approx(expected, rel=1e-6)
     reg.backward()
-    assert model.features[2].weight_quantizer.gamma_2.grad.abs().min() > 0
+    assert sub(model, "features.2").weight_quantizer.gamma_2.grad.abs().min() > 0
 
 
 def test_resnet18_mac_weights_and_ungrouped_quantizers():
     model = calibrated("resnet18", bb.QuantConfig(6, 6, 6, -6, include_pruning=True, reg_type="bop"), SMALL_IMAGENET)
     bb.assign_macs(model)
     top = 118_013_952
-    out = model.features[2][1].act_quantizer  # feeds layer2.0 conv1 and its downsample
+    out = sub(model, "layer1.1.act_quantizer")  # feeds layer2.0 conv1 and its downsample
     assert out.bop_weight == pytest.approx((57_802_752 + 6_422_528) / top)
-    pre_add = model.features[2][0].features[1].act_quantizer
+    pre_add = sub(model, "layer1.0.conv2.act_quantizer")
     assert pre_add.bop_weight is None
     assert pre_add.regularizer().item() == pytest.approx(4.009, abs=1e-3)  # 1 + q4 + q4q8 + … at init
     ungrouped = [n for n, q in bb.quantizers(model) if q.bop_weight is None]

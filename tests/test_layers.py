@@ -168,14 +168,16 @@ def _folded_pair(kind: str, activation: type[nn.Module] | None = None):
             3,
             padding=1,
             groups=groups,
-            batch_norm=True,
+            bias=False,
+            bn=nn.BatchNorm2d(5),
             activation=act[0] if act else None,
             weight_quantizer=nn.Identity(),
         )
         ref = nn.Sequential(nn.Conv2d(5, 5, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(5), *act)
         x = torch.randn(4, 5, 6, 6)
     else:
-        layer = QuantLinear(7, 5, batch_norm=True, activation=act[0] if act else None, weight_quantizer=nn.Identity())
+        layer = QuantLinear(7, 5, bias=False, bn=nn.BatchNorm1d(5), activation=act[0] if act else None,
+                            weight_quantizer=nn.Identity())
         ref = nn.Sequential(nn.Linear(7, 5, bias=False), nn.BatchNorm1d(5), *act)
         x = torch.randn(8, 7)
     with torch.no_grad():
@@ -230,7 +232,8 @@ def test_quantized_layer_pipeline_order():
         3,
         4,
         3,
-        batch_norm=True,
+        bias=False,
+        bn=nn.BatchNorm2d(4),
         activation=nn.ReLU(),
         weight_quantizer=BayesianBitsQuantizer(4, gamma_inits=(6.0, -6.0, -6.0, -6.0)),
         act_quantizer=BayesianBitsQuantizer(gamma_inits=(-6.0, -6.0, -6.0, -6.0)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..layers import QuantLayer
+from ..prepare import is_depthwise
 from .quant import QuantSpec, TensorQuant
 
 
@@ -35,18 +36,14 @@ class ExportLayer(nn.Module):
         return y if self.act_quant is None else self.act_quant(y)
 
 
-def is_depthwise(layer: nn.Module) -> bool:
-    """A conv with one group per channel (its output channel c reads input channel c only)."""
-    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels == \
-        layer.out_channels
-
-
-def plain_op(layer: QuantLayer, weight: Tensor, bias: Tensor) -> nn.Conv2d | nn.Linear:
+def plain_op(layer: QuantLayer, weight: Tensor, bias: Tensor) -> nn.Conv1d | nn.Conv2d | nn.Linear:
     """A torch conv/linear shaped like ``weight`` with ``layer``'s geometry, holding ``weight`` and ``bias``."""
-    if isinstance(layer, nn.Conv2d):
-        groups = weight.shape[0] if is_depthwise(layer) else layer.groups
-        op: nn.Conv2d | nn.Linear = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], layer.kernel_size,
-                                              layer.stride, layer.padding, layer.dilation, groups)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        conv = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
+        # A depthwise conv loses the groups of removed channels; other convs keep their groups.
+        groups = weight.shape[0] * layer.in_channels // layer.out_channels if is_depthwise(layer) else layer.groups
+        op: nn.Module = conv(weight.shape[1] * groups, weight.shape[0], layer.kernel_size, layer.stride,
+                             layer.padding, layer.dilation, groups, padding_mode=layer.padding_mode)
     else:
         op = nn.Linear(weight.shape[1], weight.shape[0])
     op.weight = nn.Parameter(weight, requires_grad=False)

@@ -1,35 +1,21 @@
-"""LeNet5 for MNIST (SPEC B §5): two 5×5 convs with max-pooling, two linear layers, no BN."""
+"""LeNet5 for MNIST (SPEC B §5): two 5×5 convs with ReLU and max-pooling, two linear layers, no BN; float."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
-
-from ..config import QuantConfig
-from .common import Topology, check_input, conv, linear, sequential_topology
 
 
 class LeNet5(nn.Module):
-    """`lenet5quantized`; with config=None the float twin (same module names, no quantizers)."""
+    """The float `lenet5quantized` (582 026 parameters); `bayesian_bits.prepare` quantizes it. Module names are the
+    reference's: features.0 and features.2 convs, classifier.0 and classifier.1 (the logits)."""
 
-    mac_input_shape = (1, 1, 28, 28)  # batch-1 input of MAC counting (§3.2)
-
-    def __init__(self, config: QuantConfig | None = None) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            conv(config, 1, 32, 5, bias=True, batch_norm=False, activation=nn.ReLU()),
-            nn.MaxPool2d(2),
-            conv(config, 32, 64, 5, bias=True, batch_norm=False, activation=nn.ReLU()),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            linear(config, 64 * 4 * 4, 512, activation=nn.ReLU()),
-            linear(config, 512, 10, logits=True),
-        )
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.Conv2d(32, 64, 5), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(64 * 4 * 4, 512), nn.Linear(512, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, "LeNet5", 1, (28, 28))
-        return self.classifier(self.features(x).flatten(1))
-
-    def topology(self) -> Topology:
-        """Sequential quantizer groups and input-channel pruning across every layer."""
-        return sequential_topology(["features.0", "features.2", "classifier.0", "classifier.1"])
+        f, c = self.features, self.classifier
+        x = f[3](F.relu(f[2](f[1](F.relu(f[0](x))))))
+        return c[1](F.relu(c[0](x.flatten(1))))

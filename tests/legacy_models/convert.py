@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import QuantLayer
+from bayesian_bits.layers import QuantLayer
 
 
 def _float_layers(model: nn.Module) -> list[tuple[str, nn.Module, _BatchNorm | None]]:

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ..config import QuantConfig
-from ..layers import QuantConv2d, QuantLinear
-from ..quantizer import activation_quantizer, weight_quantizer
+from bayesian_bits.config import QuantConfig
+from bayesian_bits.layers import QuantConv2d, QuantLinear
+from bayesian_bits.quantizer import activation_quantizer, weight_quantizer
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ def conv(
         kernel_size,
         stride,
         padding,
-        groups,
-        bias,
-        batch_norm=batch_norm,
+        groups=groups,
+        bias=bias and not batch_norm,
+        bn=nn.BatchNorm2d(out_channels) if batch_norm else None,
         activation=activation,
         weight_quantizer=None if config is None else weight_quantizer(config, out_channels, prune=prune),
         act_quantizer=None if config is None else activation_quantizer(config),
@@ -75,8 +75,8 @@ def linear(
     return QuantLinear(
         in_features,
         out_features,
-        bias,
-        batch_norm=batch_norm,
+        bias=bias and not batch_norm,
+        bn=nn.BatchNorm1d(out_features) if batch_norm else None,
         activation=activation,
         weight_quantizer=None if config is None else weight_quantizer(config, out_features, prune=not logits),
         act_quantizer=None if (config is None or logits) else activation_quantizer(config),

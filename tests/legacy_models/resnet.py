@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import QuantConfig
-from ..quantizer import activation_quantizer
+from bayesian_bits.config import QuantConfig
+from bayesian_bits.quantizer import activation_quantizer
 from .common import Group, Topology, check_input, conv, linear
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..config import QuantConfig
-from ..quantizer import activation_quantizer
+from bayesian_bits.config import QuantConfig
+from bayesian_bits.quantizer import activation_quantizer
 from .common import Group, Topology, check_input, conv, linear
 
 # (expansion t, output channels c, repeats n, first stride s)

@@ -1,0 +1,87 @@
+"""Small float models for the prepare zoo tests: a custom CNN, an MLP and a transformer encoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SmallCNN(nn.Module):
+    """Conv1d and Conv2d with dilation, reflect padding, groups, a skip concatenation and GELU/SiLU activations."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(16)
+        self.dilated = nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.seq = nn.Conv1d(32, 24, 3, padding=1)
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = torch.cat([x, F.gelu(self.dilated(x))], dim=1)
+        x = F.silu(self.grouped(x))
+        x = F.max_pool2d(x, 2).flatten(2)  # N × 32 × L
+        x = torch.sigmoid(self.seq(x)).mean(2)
+        return self.head(x)
+
+
+class MLP(nn.Module):
+    """Three linear layers with BN1d and Tanh/ReLU6."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3 * 16 * 16, 64)
+        self.bn1 = nn.BatchNorm1d(64)
+        self.fc2 = nn.Linear(64, 32)
+        self.fc3 = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.tanh(self.bn1(self.fc1(x.flatten(1))))
+        return self.fc3(F.relu6(self.fc2(x)))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm self-attention written with nn.Linear and matmul, then a GELU MLP; residual adds."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Patch embedding (a strided conv), two encoder blocks, mean pooling, a linear head."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos = nn.Parameter(torch.zeros(1, 16, dim))
+        self.blocks = nn.Sequential(EncoderBlock(dim, 4), EncoderBlock(dim, 4))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def small_cnn() -> nn.Module:
+    """Factory for tests and the CLI (`--model tests.zoo:small_cnn`)."""
+    return SmallCNN()

@@ -1,0 +1,145 @@
+"""A BOP budget for training (SPEC A9): dual ascent on the regulariser weight μ, then a projection onto the target.
+
+    budget = BopBudget(model, target_rel_bops=0.5, step_size=1 / len(loader), ramp_steps=epochs * len(loader) // 2)
+    for x, y in loader:                                   # every training step
+        loss = cross_entropy(model(x), y) + budget.mu * regularizer(model)
+        loss.backward(); optimizer.step(); budget.step()
+    budget.project(batches)                               # at the end of gate training
+
+The rule, its step size and why it is stable: ARCHITECTURE.md, "BOP budgets".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import bops
+from .dataflow import unwrap
+from .projection import LOW, ProjectionResult, gate_saliency, minimum_bops, project_model
+
+DEFAULT_MU = 0.1  # initial μ when none is given: the reference README's MNIST --gating-lambda
+MU_RANGE = (1e-6, 1e3)  # μ is kept inside: a guard against wind-up while the gates cannot follow
+MAX_VIOLATION = 1.0  # |expected / reference − 1| is clipped to this before each update
+RATE_PER_EPOCH = 0.5  # `for_training`: the most log μ moves in one epoch (at a clipped violation)
+RAMP_FRACTION = 0.5  # `for_training`: the reference reaches the target after this share of the steps
+
+
+class BopBudget:
+    """The target (relative BOPs in % of W32A32, or GBOPs; one of the two), μ and its update, for a prepared model.
+
+    `step()` after every optimizer step: log μ ← log μ + step_size · clip(E[BOPs] / reference − 1, ±1), with E[BOPs]
+    the differentiable twin of the report from the gate probabilities and the reference moving geometrically from
+    the starting E[BOPs] to the target over `ramp_steps` (0: the target from the start). μ is a 0-dim tensor on the
+    model's device, computed from the gate logits only, so it is identical on every DDP process and never
+    synchronises with the host. Constructing it makes the regulariser BOP-weighted (`assign_macs`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        target_rel_bops: float | None = None,
+        target_gbops: float | None = None,
+        mu: float = DEFAULT_MU,
+        step_size: float = 1e-3,
+        ramp_steps: int = 0,
+    ) -> None:
+        if (target_rel_bops is None) == (target_gbops is None):
+            raise ValueError("BopBudget needs exactly one of target_rel_bops (percent of W32A32) and target_gbops")
+        given = target_rel_bops if target_rel_bops is not None else target_gbops
+        name = "target_rel_bops" if target_rel_bops is not None else "target_gbops"
+        if not (math.isfinite(given) and given > 0):
+            raise ValueError(f"BopBudget: {name} must be a positive number, got {given}")
+        if not (MU_RANGE[0] <= mu <= MU_RANGE[1]):
+            raise ValueError(f"BopBudget: mu (the initial regulariser weight) must be in [{MU_RANGE[0]:g}, "
+                             f"{MU_RANGE[1]:g}], got {mu}; pass e.g. mu={DEFAULT_MU}")
+        if not step_size > 0:
+            raise ValueError(f"BopBudget: step_size must be positive, got {step_size}")
+        if ramp_steps < 0:
+            raise ValueError(f"BopBudget: ramp_steps must be at least 0, got {ramp_steps}")
+        self.model = unwrap(model)
+        bops.assign_macs(self.model)
+        self.baseline = bops.baseline_bops(self.model)
+        self.target_bops = (target_rel_bops / 100.0 * self.baseline if target_rel_bops is not None
+                            else target_gbops * 1e9)
+        floor = minimum_bops(self.model)
+        if self.target_bops < floor:
+            raise ValueError(f"BopBudget: {name} {given:g} is below the smallest model this configuration can reach "
+                             f"({100.0 * floor / self.baseline:.4g} % of W32A32, {floor / 1e9:.4g} GBOPs: every "
+                             "switchable tensor at 2 bits, one channel per pruned layer); raise it")
+        self.step_size = float(step_size)
+        self.ramp_steps = int(ramp_steps)
+        self.steps = 0
+        expected = bops.expected_bops(self.model).detach()
+        self.start_bops = float(expected)
+        self._log_mu = torch.tensor(math.log(mu), dtype=torch.float64, device=expected.device)
+
+    @classmethod
+    def for_training(cls, model: nn.Module, *, steps_per_epoch: int, epochs: int, mu: float = DEFAULT_MU,
+                     target_rel_bops: float | None = None, target_gbops: float | None = None) -> BopBudget:
+        """The budget the training pipeline uses: log μ moves at most RATE_PER_EPOCH per epoch, and the reference
+        ramps to the target over the first RAMP_FRACTION of the `epochs` × `steps_per_epoch` steps."""
+        return cls(model, target_rel_bops=target_rel_bops, target_gbops=target_gbops, mu=mu,
+                   step_size=RATE_PER_EPOCH / max(steps_per_epoch, 1),
+                   ramp_steps=int(RAMP_FRACTION * epochs * steps_per_epoch))
+
+    @property
+    def target_rel_bops(self) -> float:
+        """The target in percent of W32A32 (the unit of `bop_report`'s relative_bops)."""
+        return 100.0 * self.target_bops / self.baseline
+
+    @property
+    def mu(self) -> Tensor:
+        """The regulariser weight now (0-dim float32 tensor on the model's device)."""
+        return self._log_mu.exp().float()
+
+    def reference(self) -> float:
+        """The BOPs μ steers towards at this step: geometric from the start to the target over the ramp."""
+        if self.steps >= self.ramp_steps or self.start_bops <= self.target_bops:
+            return self.target_bops
+        frac = self.steps / self.ramp_steps
+        return self.start_bops * (self.target_bops / self.start_bops) ** frac
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One dual-ascent update of μ from the current gate probabilities."""
+        expected = bops.expected_bops(self.model).to(self._log_mu.device, torch.float64)
+        violation = (expected / self.reference() - 1.0).clamp(-MAX_VIOLATION, MAX_VIOLATION)
+        self._log_mu = (self._log_mu + self.step_size * violation).clamp(*(math.log(v) for v in MU_RANGE))
+        self.steps += 1
+
+    def status(self) -> dict[str, float]:
+        """Target, expected and eval relative BOPs (%) and μ, for logs and metrics (reads values to the host)."""
+        expected = float(bops.expected_relative_bops(self.model).detach())
+        return {"target_rel_bops": self.target_rel_bops, "expected_rel_bops": expected,
+                "eval_rel_bops": bops.bop_report(self.model)["relative_bops"],
+                "mu": float(self.mu)}
+
+    def project(
+        self,
+        batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        reduce: Callable[[list[float]], list[float]] | None = None,
+        low: float = LOW,
+    ) -> ProjectionResult:
+        """Bring the eval model to at most the target and, when under `low` × target, back towards it (see
+        `projection.project`), ranking switches by their saliency on `batches` (None: by BOPs alone). `reduce` sums
+        a list of floats over DDP processes so every process switches the same gates."""
+        saliency = None if batches is None else gate_saliency(self.model, batches, loss_fn, reduce)
+        return project_model(self.model, self.target_bops, saliency, low)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: μ, the step count and the ramp's start."""
+        return {"log_mu": float(self._log_mu), "steps": self.steps, "start_bops": self.start_bops}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`."""
+        self._log_mu.fill_(float(state["log_mu"]))
+        self.steps = int(state["steps"])
+        self.start_bops = float(state["start_bops"])

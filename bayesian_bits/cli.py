@@ -1,16 +1,21 @@
 """The ``bayesian-bits`` command line: ``bayesian-bits train ...`` (also ``python -m bayesian_bits.train ...``) and
 ``bayesian-bits export CHECKPOINT --format FORMAT -o OUT``.
 
-Bad invocations, missing data and bad checkpoints end with exit status 2 and a one-line message.
+Bad invocations, missing data, bad checkpoints and unwritable outputs end with exit status 2 and a one-line
+message; a diverged run (NaN or infinite loss or weights) with status 1; Ctrl-C with 130 and SIGTERM with 143
+(both leave the last checkpoint consistent and print how to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 
-from .pipeline.errors import UsageError
+from .errors import NonFiniteError, UsageError
 from .pipeline.options import add_train_arguments, check_train_options
 
 PROG = "bayesian-bits"
@@ -45,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a trained checkpoint for deployment (manifest, pruned, packed or onnx)",
         description="Export a checkpoint written by bayesian-bits train (any of the four models). manifest: JSON of "
         "bit widths, scales, kept channels and BOPs. pruned: float eval model with pruned channels removed "
-        "(torch.save). packed: integer weights at their learned bit widths, pruned channels dropped. onnx: "
+        "(tensors and plain data, rebuilt by bayesian_bits.export.load_pruned). packed: integer weights at their "
+        "learned bit widths, pruned channels dropped. onnx: "
         "QuantizeLinear/DequantizeLinear graph (opset 21) at the learned precisions, pruned channels removed; "
         "needs pip install 'bayesian-bits[onnx]'.",
     )
@@ -64,9 +70,27 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises ``KeyboardInterrupt`` (and handled the same way)."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesian-bits`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "export":
             from .export import export  # heavy imports only once the command line is valid
@@ -80,10 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG} {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except NonFiniteError as exc:
+        print(f"{PROG} {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
         hint = f"; continue with --resume {args.logdir}/last.pth" if getattr(args, "logdir", None) else ""
-        print(f"{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{PROG} {args.command}: {what}{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
-from .pipeline.errors import DataError
-from .pipeline.experiments import Experiment
-from .pipeline.mnist_files import ensure_mnist
+from .errors import DataError
+from .experiments import Experiment
+from .mnist_files import ensure_mnist
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,13 +20,24 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bayesian_bits.data import build_datasets
-from bayesian_bits.export import export, load_eval_model, load_packed, onnxruntime_session
+from bayesian_bits.errors import UsageError
+from bayesian_bits.experiments import get_experiment
+from bayesian_bits.export import export, load_eval_model, load_packed, load_pruned, onnxruntime_session
 from bayesian_bits.export.pruned import layer_parameters
-from bayesian_bits.pipeline.experiments import get_experiment
+
+
+def main() -> int:
+    """Run the comparison; a bad checkpoint, missing data or unwritable output is one line and exit status 2."""
+    try:
+        parity()
+    except UsageError as exc:
+        print(f"export_parity: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @torch.no_grad()
-def main() -> None:
+def parity() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--data-dir", required=True)
@@ -41,7 +53,7 @@ def main() -> None:
     files = {fmt: folder / name for fmt, name in (("manifest", "manifest.json"), ("pruned", "pruned.pt"),
                                                   ("packed", "model.packed"), ("onnx", "model.onnx"))}
     summaries = {fmt: export(args.checkpoint, fmt, path) for fmt, path in files.items()}
-    pruned = torch.load(files["pruned"], weights_only=False)
+    pruned = load_pruned(files["pruned"])
     packed = load_packed(files["packed"])
     session = onnxruntime_session(files["onnx"])
     models = {"pytorch_eval": loaded.model, "pruned": pruned, "packed": packed}
@@ -79,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayesian_bits import data
-from bayesian_bits.pipeline import mnist_files
-from bayesian_bits.pipeline.errors import DataError
-from bayesian_bits.pipeline.experiments import EXPERIMENTS
+from bayesian_bits import data, mnist_files
+from bayesian_bits.errors import DataError
+from bayesian_bits.experiments import EXPERIMENTS
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 needs_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"real MNIST files not at {SHARED_MNIST}")

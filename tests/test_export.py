@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from bayesian_bits import bop_report, build_model, calibrate
+from bayesian_bits import bop_report, build_model, calibrate, checkpoint_io
 from bayesian_bits.cli import build_parser, main
 from bayesian_bits.export import (
     load_eval_model,
     load_packed,
+    load_pruned,
     manifest,
     onnx_model,
     pack,
@@ -67,7 +68,7 @@ def write_checkpoint(model_name: str, path: Path, seed: int = 0, flags: tuple[st
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
             elif name.endswith("running_var"):
                 b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
-    torch.save({"phase": "train", "model": model.state_dict(), "options": vars(args)}, path)
+    checkpoint_io.save({"phase": "train", "model": model.state_dict(), "options": vars(args)}, path)
     return path
 
 
@@ -95,7 +96,7 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor) -> None:
 
 def test_manifest_matches_bop_report(ckpt: Path, tmp_path: Path) -> None:
     loaded = load_eval_model(ckpt)
-    report = bop_report(loaded.model, loaded.mac_shape)
+    report = bop_report(loaded.model)
     assert main(["export", str(ckpt), "--format", "manifest", "-o", str(tmp_path / "m.json")]) == 0
     data = json.loads((tmp_path / "m.json").read_text())
     assert data == json.loads(json.dumps(manifest(loaded)))
@@ -120,7 +121,7 @@ def test_pruned_equals_masked_eval_model(ckpt: Path, tmp_path: Path) -> None:
     loaded = load_eval_model(ckpt)
     out = tmp_path / "p.pt"
     assert main(["export", str(ckpt), "--format", "pruned", "-o", str(out)]) == 0
-    pruned = torch.load(out, weights_only=False)
+    pruned = load_pruned(out)
     found = regions(loaded.model)
     assert found.by_output, "no layer had removable channels"
     for name, region in found.by_output.items():
@@ -149,12 +150,12 @@ def test_residual_coupling(tmp_path: Path) -> None:
     residual adds and keep theirs. MobileNetV2: removal reaches through depthwise convs."""
     resnet = load_eval_model(write_checkpoint("resnet18", tmp_path / "r.pth"))
     found = regions(resnet.model)
-    assert sorted(found.by_output) == sorted(f"features.{s}.{b}.features.0" for s in range(2, 6) for b in range(2))
-    assert all(r.sinks == [r.producer.replace("features.0", "features.1")] for r in found.by_output.values())
+    assert sorted(found.by_output) == sorted(f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2))
+    assert all(r.sinks == [r.producer.replace("conv1", "conv2")] for r in found.by_output.values())
     mobile = load_eval_model(write_checkpoint("mobilenetv2", tmp_path / "m.pth"))
     found = regions(mobile.model)
-    assert found.by_output["features.1.conv.0"].producer == "features.0"
-    assert found.by_input["features.2.conv.2"].passthrough == ["features.2.conv.1"]
+    assert found.by_output["features.1.conv.0.0"].producer == "features.0.0"
+    assert found.by_input["features.2.conv.2"].passthrough == ["features.2.conv.1.0"]
     assert "features.3.conv.2" not in found.by_output  # its output feeds the residual add
 
 
@@ -224,11 +225,11 @@ def test_onnx_qdq_matches_pytorch(ckpt: Path, tmp_path: Path, capsys: pytest.Cap
 def test_fine_tuned_checkpoint(tmp_path: Path) -> None:
     """A fixed-gate fine-tuning checkpoint (fixed quantizers, masks as buffers, BN folded statically) exports too."""
     path = write_checkpoint("mobilenetv2", tmp_path / "gated.pth")
-    gated = torch.load(path, weights_only=False)
+    gated = checkpoint_io.load(path, "gated")
     fixed = convert_to_fixed(load_eval_model(path).model)
     tuned = tmp_path / "ft.pth"
-    torch.save({"phase": "finetune", "pre_ft_model": gated["model"], "model": fixed.state_dict(),
-                "options": gated["options"]}, tuned)
+    checkpoint_io.save({"phase": "finetune", "pre_ft_model": gated["model"], "model": fixed.state_dict(),
+                        "options": gated["options"]}, tuned)
     loaded = load_eval_model(tuned)
     assert any(isinstance(m, FixedQuantizer) for m in loaded.model.modules())
     assert regions(loaded.model).by_output
@@ -257,7 +258,7 @@ def test_quantization_modes(model_name: str, flags: tuple[str, ...], tmp_path: P
     with torch.no_grad():
         ref = loaded.model(x)
         assert_matches(pruned(x), ref)
-        torch.save(pack(loaded), tmp_path / "p.packed")
+        checkpoint_io.save(pack(loaded), tmp_path / "p.packed")
         assert torch.equal(load_packed(tmp_path / "p.packed")(x), pruned(x))
     assert_matches(run_onnxruntime(proto, x), ref)
 
@@ -311,7 +312,7 @@ def test_bad_inputs(lenet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["export", str(tmp_path / "missing.pth"), "--format", "manifest", "-o", str(tmp_path / "m")]) == 2
     assert "no such file" in capsys.readouterr().err
     foreign = tmp_path / "foreign.pth"
-    torch.save({"state_dict": {}}, foreign)
+    checkpoint_io.save({"state_dict": {}}, foreign)
     assert main(["export", str(foreign), "--format", "onnx", "-o", str(tmp_path / "m")]) == 2
     assert "not a bayesian-bits train checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:

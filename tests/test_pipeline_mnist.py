@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from bayesian_bits.cli import main
 from bayesian_bits.data import mnist
-from bayesian_bits.export import load_eval_model, load_packed, onnxruntime_session
+from bayesian_bits.export import load_eval_model, load_packed, load_pruned, onnxruntime_session
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 
@@ -57,7 +57,7 @@ def test_exports_of_trained_model_classify_alike(trained: tuple[Path, Path], tmp
     for fmt in ("manifest", "pruned", "packed", "onnx"):
         assert main(["export", str(ckpt), "--format", fmt, "-o", str(tmp_path / fmt)]) == 0
     loaded = load_eval_model(ckpt)
-    models = {"pruned": torch.load(tmp_path / "pruned", weights_only=False), "packed": load_packed(tmp_path / "packed")}
+    models = {"pruned": load_pruned(tmp_path / "pruned"), "packed": load_packed(tmp_path / "packed")}
     session = onnxruntime_session(tmp_path / "onnx")
     _, test_set = mnist(data_dir)
     correct = dict.fromkeys(["eval", *models, "onnx"], 0)

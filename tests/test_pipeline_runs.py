@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bayesian_bits import checkpoint_io
 from bayesian_bits.cli import main
 from bayesian_bits.pipeline import runner
 from bayesian_bits.pipeline.metrics import read_metrics
@@ -28,7 +29,7 @@ def train(tmp_path: Path, *flags: str) -> int:
 
 
 def final_weights(logdir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(logdir / "epoch_FINAL.pth", weights_only=False)["model"]
+    return checkpoint_io.load(logdir / "epoch_FINAL.pth", "x")["model"]
 
 
 MODEL_RUNS = {
@@ -121,7 +122,7 @@ def test_resume_with_other_structure_is_refused(tmp_path: Path, capsys: pytest.C
     assert train(tmp_path, *MNIST_SMOKE, "--epochs", "1", "--max-batches", "1", "--logdir", str(logdir)) == 0
     flags = [f for f in MNIST_SMOKE if f != "--include-pruning"]
     assert train(tmp_path, *flags, "--resume", str(logdir / "last.pth")) == 2
-    assert "include_pruning=True" in capsys.readouterr().err
+    assert "--include-pruning False (checkpoint: True)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
@@ -137,7 +138,7 @@ def test_two_process_gloo_ddp_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["world_size"] == 2
-    ckpt = torch.load(logdir / "epoch_FINAL.pth", weights_only=False)
+    ckpt = checkpoint_io.load(logdir / "epoch_FINAL.pth", "x")
     assert len(ckpt["rng"]) == 2  # both processes' random streams are kept for --resume
     records = read_metrics(logdir)
     assert [r["images_per_s"] > 0 for r in records] == [True, True, True]

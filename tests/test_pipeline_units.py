@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from bayesian_bits import checkpoint_io
 from bayesian_bits.cli import build_parser
+from bayesian_bits.errors import UsageError
 from bayesian_bits.pipeline import checkpoint
-from bayesian_bits.pipeline.errors import UsageError
 from bayesian_bits.pipeline.optim import (
     build_finetune_optimizers,
     build_optimizers,
@@ -118,10 +119,10 @@ def test_multistep_steps_every_optimizer_and_linear_only_the_weights() -> None:
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path) -> None:
     path = tmp_path / "last.pth"
-    checkpoint.save_atomic({"model": {}, "phase": "train"}, path)
-    checkpoint.save_atomic({"model": {"a": torch.ones(1)}, "phase": "train"}, path)
+    checkpoint_io.save({"model": {}, "phase": "train"}, path)
+    checkpoint_io.save({"model": {"a": torch.ones(1)}, "phase": "train"}, path)
     assert os.listdir(tmp_path) == ["last.pth"]
-    assert torch.equal(checkpoint.load(path, "--resume")["model"]["a"], torch.ones(1))
+    assert torch.equal(checkpoint_io.load_checkpoint(path, "--resume")["model"]["a"], torch.ones(1))
 
 
 def test_rng_state_round_trip() -> None:
@@ -133,11 +134,11 @@ def test_rng_state_round_trip() -> None:
 
 def test_bad_checkpoint_is_a_usage_error(tmp_path) -> None:
     with pytest.raises(UsageError, match="no such file"):
-        checkpoint.load(tmp_path / "missing.pth", "--resume")
+        checkpoint_io.load_checkpoint(tmp_path / "missing.pth", "--resume")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(UsageError, match="not a readable checkpoint"):
-        checkpoint.load(junk, "--checkpoint")
+    with pytest.raises(UsageError, match="not readable"):
+        checkpoint_io.load_checkpoint(junk, "--checkpoint")
 
 
 def _args(*extra: str) -> argparse.Namespace:

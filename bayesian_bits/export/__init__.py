@@ -4,15 +4,18 @@ precisions). ``bayesian-bits export`` calls ``export``."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..pipeline.errors import UsageError
+from ..checkpoint_io import write_error
+from ..errors import UsageError, WriteError
 from .loader import Loaded, load_eval_model
 from .manifest import export_manifest, manifest
 from .onnx_qdq import export_onnx, onnx_model, onnxruntime_session, run_onnxruntime
 from .packed import export_packed, load_packed, pack
-from .pruned import export_plan, export_pruned, pruned_model
+from .pruned import export_plan, export_pruned, load_pruned, pruned_model
 
 FORMATS: dict[str, Callable[[Loaded, str | Path], str]] = {
     "manifest": export_manifest,
@@ -27,12 +30,25 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, image_size: int | 
     training images'); returns a one-line summary."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not Path(out).parent.is_dir():
-        raise UsageError(f"-o {out}: the folder {Path(out).parent} does not exist; create it or pick another path")
+    _probe_output(Path(out))
     loaded = load_eval_model(checkpoint, image_size=image_size)
     return FORMATS[fmt](loaded, out)
 
 
+def _probe_output(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be written: a folder in its place, a missing or read-only folder."""
+    if out.is_dir():
+        raise WriteError(f"-o {out} is a folder; pass a file path (e.g. {out / 'model.out'})")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: the folder {out.parent} does not exist; create it or pick another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+
+
 __all__ = ["FORMATS", "Loaded", "export", "export_manifest", "export_onnx", "export_packed", "export_plan",
-           "export_pruned", "load_eval_model", "load_packed", "manifest", "onnx_model", "onnxruntime_session", "pack",
-           "pruned_model", "run_onnxruntime"]
+           "export_pruned", "load_eval_model", "load_packed", "load_pruned", "manifest", "onnx_model",
+           "onnxruntime_session", "pack", "pruned_model", "run_onnxruntime"]

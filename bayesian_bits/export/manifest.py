@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import checkpoint_io
 from ..bops import bop_report
 from ..calibration import quantizers
-from ..pipeline import checkpoint
 from ..quantizer import FixedQuantizer
 from .graph import regions
 from .loader import Loaded
@@ -39,7 +39,7 @@ def tensor_entry(q: nn.Module) -> dict[str, Any]:
 def manifest(loaded: Loaded) -> dict[str, Any]:
     """The manifest of an eval model: per layer its MACs, BOPs, bits and quantized tensors; totals as reported."""
     model = loaded.model
-    report = bop_report(model, loaded.mac_shape)
+    report = bop_report(model)
     removable = regions(model).by_output
     layers = []
     for row in report["layers"]:
@@ -73,5 +73,6 @@ def export_manifest(loaded: Loaded, out: str | Path) -> str:
     """Write the manifest as indented JSON."""
     data = manifest(loaded)
     text = json.dumps(data, indent=1) + "\n"
-    checkpoint.write_atomic(out, lambda fh: fh.write(text.encode()))
+    data_bytes = text.encode()
+    checkpoint_io.write_atomic(out, lambda fh: fh.write(data_bytes), size=len(data_bytes))
     return f"wrote {out}: {len(data['layers'])} layers, relative BOPs {data['relative_bops']:.2f} %"

@@ -24,9 +24,9 @@ from torch import Tensor, fx, nn
 
 from bbkernels.reference import SHRINK
 
-from ..pipeline import checkpoint
-from ..pipeline.errors import UsageError
-from .graph import ADD, RELU, flatten_dims, is_input_check, trace
+from .. import checkpoint_io
+from ..errors import UsageError
+from .graph import ADD, RELU, flatten_dims, trace
 from .layer import ExportLayer
 from .loader import Loaded
 from .pruned import pruned_model
@@ -231,8 +231,6 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int, na
         args = [values[a] for a in node.args if isinstance(a, fx.Node) and a in values]
         if node.op == "placeholder":
             values[node] = b.fresh("input")
-        elif is_input_check(node):
-            continue
         elif node.op == "call_module":
             values[node] = _module_node(b, args[0], model.get_submodule(node.target), node.target)
         elif node.op in ("call_function", "call_method"):
@@ -290,7 +288,7 @@ def export_onnx(loaded: Loaded, out: str | Path) -> str:
     """Write the ONNX graph; the summary gives its storage types and, with onnxruntime installed, its agreement
     with the PyTorch eval model on a random batch."""
     _, proto = onnx_model(loaded)
-    checkpoint.write_atomic(out, lambda fh: fh.write(proto.SerializeToString()))
+    checkpoint_io.write_atomic(out, lambda fh: fh.write(proto.SerializeToString()))
     types = ", ".join(f"{p.value}×{p.key.removeprefix('storage.').lower()}" for p in proto.metadata_props
                       if p.key.startswith("storage."))
     summary = f"wrote {out}: {Path(out).stat().st_size:,} bytes, opset {OPSET}, QDQ storage {types or 'none'}; "

@@ -1,17 +1,16 @@
 """The ``packed`` format: weights as integer codes at their learned bit widths (2/4/8/16 bits packed densely into
 bytes; 32-bit and float weights kept as fp32), pruned output channels dropped, grid steps and biases stored.
 
-One ``torch.save`` file of plain tensors and dicts. ``load_packed`` rebuilds the pruned model of the ``pruned``
-format bit for bit: a stored code c decodes as the eval quantizer applied to (c + offset)·s_b, which lands on the
-same grid point through the same operator; the per-tensor offset is the lowest grid index in use, so a b-bit grid
-fits b bits even where fp32 rounding adds the index ±2^(b−1) at one end (SPEC B §1.5). Each tensor is checked when
-written; one that would not decode bit-exactly (possible at 16 bits, where the fp32 residual chain is inexact,
-SPEC B §1.6) is stored as fp32 instead.
+One file of plain tensors and dicts with a digest (``checkpoint_io``; loads with ``weights_only=True``).
+``load_packed`` rebuilds the pruned model of the ``pruned`` format bit for bit: a stored code c decodes as the eval
+quantizer applied to (c + offset)·s_b, which lands on the same grid point through the same operator; the per-tensor
+offset is the lowest grid index in use, so a b-bit grid fits b bits even where fp32 rounding adds the index ±2^(b−1)
+at one end (SPEC B §1.5). Each tensor is checked when written; one that would not decode bit-exactly (possible at
+16 bits, where the fp32 residual chain is inexact, SPEC B §1.6) is stored as fp32 instead.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models import build_model
-from ..pipeline import checkpoint
-from ..pipeline.errors import UsageError
-from ..pipeline.runner import quant_config
-from .loader import Loaded
-from .pruned import ExportPlan, LayerSpec, assemble, export_plan
+from .. import checkpoint_io
+from ..errors import CheckpointError
+from .loader import Loaded, model_from_options
+from .pruned import ExportPlan, LayerSpec, assemble, export_plan, spec_from_entry
 from .quant import QuantSpec, TensorQuant
 
 FORMAT = "bayesian-bits-packed"
-VERSION = 2
+VERSION = 3
 PACKED_BITS = (2, 4, 8, 16)
 
 
@@ -102,34 +99,25 @@ def pack(loaded: Loaded) -> dict[str, Any]:
 def export_packed(loaded: Loaded, out: str | Path) -> str:
     """Write the packed file; the summary gives its size next to the checkpoint's and the fp32 weights'."""
     data = pack(loaded)
-    checkpoint.save_atomic(data, out)
+    checkpoint_io.save(data, out)
     fp32 = sum(4 * (p.numel()) for n, p in loaded.model.state_dict().items() if "quantizer" not in n)
     stored = sum(1 for layer in data["layers"] if layer["codes"] is not None)
     return (f"wrote {out}: {Path(out).stat().st_size:,} bytes ({stored}/{len(data['layers'])} weights as integer "
             f"codes); float checkpoint weights {fp32:,} bytes")
 
 
-def _spec(entry: dict[str, Any] | None) -> QuantSpec | None:
-    return None if entry is None else QuantSpec(**entry)
-
-
 def load_packed(path: str | Path) -> torch.nn.Module:
-    """Rebuild the pruned eval model from a packed file (raises ``UsageError`` for a missing or foreign file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file; pass a file written by bayesian-bits export --format packed")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling failure means the file is not usable
-        raise UsageError(f"{path}: not a readable packed file ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise UsageError(f"{path}: not a {FORMAT} file of version {VERSION}")
-    skeleton = build_model(data["model"], quant_config(argparse.Namespace(**data["options"])))
+    """Rebuild the pruned eval model from a packed file (read with ``weights_only=True``, digest checked); a
+    missing, damaged or foreign file is a ``CheckpointError``."""
+    data = checkpoint_io.load(path, "packed file", "a file written by bayesian-bits export --format packed")
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise CheckpointError(f"packed file {path}: not a {FORMAT} file of version {VERSION}")
+    skeleton = model_from_options(data["options"], f"packed file {path}")
     plan = ExportPlan([], {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
     for layer in data["layers"]:
-        wq = _spec(layer["weight_quant"])
+        wq = spec_from_entry(layer["weight_quant"])
         shape = tuple(layer["shape"])
         weight = layer["weight"] if layer["codes"] is None else decode(layer["codes"], layer["offset"], wq, shape)
         plan.layers.append(LayerSpec(layer["name"], weight, layer["bias"], layer["bias_map"], wq,
-                                     _spec(layer["act_quant"]), layer["kept"]))
+                                     spec_from_entry(layer["act_quant"]), layer["kept"]))
     return assemble(skeleton, plan)

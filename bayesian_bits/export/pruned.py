@@ -1,5 +1,9 @@
 """The ``pruned`` format: a float eval model with pruned output channels physically removed (SPEC A7).
 
+The file holds tensors and plain data only (the layers' pruned weights, biases and kept channels, the quantizer
+specs, and the training options the model's structure is rebuilt from) with a digest; ``load_pruned`` rebuilds
+the model with ``weights_only=True`` loading, so no code is unpickled.
+
 Each conv/linear becomes an ``ExportLayer``: BN folded, the weight fake-quantized once at its eval bit width,
 pruned output channels and the matching input channels of the layers they feed dropped wherever the dataflow
 allows it (``graph.regions``; channels that feed a residual add stay, with zero weights). Every other quantizer
@@ -12,20 +16,23 @@ map (zero padding makes border positions see less of it), so the result equals t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import bn_fold
+from .. import bn_fold, checkpoint_io
+from ..errors import CheckpointError, UsageError
 from ..layers import QuantLayer
-from ..pipeline import checkpoint
-from ..pipeline.errors import UsageError
 from .graph import QUANTIZERS, Region, regions
 from .layer import ExportLayer, plain_op
-from .loader import Loaded
+from .loader import Loaded, model_from_options
 from .quant import QuantSpec, TensorQuant, spec_of
+
+FORMAT = "bayesian-bits-pruned"
+VERSION = 1
 
 
 @dataclass
@@ -143,12 +150,39 @@ def pruned_model(loaded: Loaded) -> nn.Module:
     return assemble(loaded.model, export_plan(loaded))
 
 
+def spec_entry(spec: QuantSpec | None) -> dict[str, Any] | None:
+    return None if spec is None else asdict(spec)
+
+
+def spec_from_entry(entry: dict[str, Any] | None) -> QuantSpec | None:
+    return None if entry is None else QuantSpec(**entry)
+
+
 def export_pruned(loaded: Loaded, out: str | Path) -> str:
-    """Save the pruned model with ``torch.save`` (load with ``torch.load(out, weights_only=False)``)."""
-    model = pruned_model(loaded)
-    checkpoint.save_atomic(model, out)
+    """Write the pruned model's plan (tensors and plain data, with a digest); ``load_pruned`` rebuilds it."""
+    plan = export_plan(loaded)
+    model = assemble(loaded.model, plan)
+    layers = [{"name": s.name, "weight": s.weight, "bias": s.bias, "bias_map": s.bias_map,
+               "weight_quant": spec_entry(s.weight_quant), "act_quant": spec_entry(s.act_quant), "kept": s.kept}
+              for s in plan.layers]
+    checkpoint_io.save({"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
+                        "input_shape": list(loaded.input_shape), "layers": layers,
+                        "quantizers": {name: asdict(spec) for name, spec in plan.quantizers.items()}}, out)
     return f"wrote {out}: pruned float model, {layer_parameters(model):,} parameters " \
            f"(unpruned eval model {layer_parameters(loaded.model):,})"
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """The pruned eval model of a file ``export_pruned`` wrote (read with ``weights_only=True``, digest checked);
+    a missing, damaged or foreign file is a ``CheckpointError``."""
+    data = checkpoint_io.load(path, "pruned file", "a file written by bayesian-bits export --format pruned")
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise CheckpointError(f"pruned file {path}: not a {FORMAT} file of version {VERSION}")
+    skeleton = model_from_options(data["options"], f"pruned file {path}")
+    plan = ExportPlan([LayerSpec(e["name"], e["weight"], e["bias"], e["bias_map"], spec_from_entry(e["weight_quant"]),
+                                 spec_from_entry(e["act_quant"]), e["kept"]) for e in data["layers"]],
+                      {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
+    return assemble(skeleton, plan)
 
 
 def layer_parameters(model: nn.Module) -> int:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from ..experiments import EXPERIMENTS, MODELS
 from .errors import UsageError
-from .experiments import EXPERIMENTS, MODELS
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULE_HELP, parse_lr_schedule
 
@@ -108,7 +108,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output and state")
     out.add_argument("--logdir", default=None,
                      help="output folder (created): log, metrics.jsonl, summary.json, plots, checkpoints; "
-                     "unset: nothing is written")
+                     "unset: nothing is written. One run at a time (locked); a folder that already holds a run "
+                     "needs --resume or --overwrite")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --logdir (its log, metrics, summary, plots and checkpoints are deleted "
+                     "first; a folder holding other files is refused)")
     out.add_argument("--make-subdir", action="store_true", help="write into a timestamped subfolder of --logdir")
     out.add_argument("--save-checkpoints", action="store_true",
                      help="keep every epoch's checkpoint (epoch_K.pth, epoch_FT-K.pth); without it only the "
@@ -120,7 +124,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and report its BOPs; no training")
     out.add_argument("--checkpoint", default=None, help="checkpoint to evaluate with --eval-only")
     out.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                     help="continue an interrupted run from its checkpoint (e.g. LOGDIR/last.pth); pass the same flags")
+                     help="continue an interrupted run from its checkpoint (e.g. LOGDIR/last.pth) with the same flags: "
+                     "one that changes the run (learning rates, epochs, schedule, model, quantization, seed, ...) "
+                     "is refused with the list of differences")
 
     run = parser.add_argument_group("execution")
     run.add_argument("--seed", type=int, default=0, help="random seed; runs are deterministic on CPU (default 0)")
@@ -182,3 +188,8 @@ def check_train_options(args: argparse.Namespace) -> None:
         raise UsageError("--make-subdir needs --logdir")
     if args.save_checkpoints and args.logdir is None:
         raise UsageError("--save-checkpoints needs --logdir")
+    if args.overwrite and args.logdir is None:
+        raise UsageError("--overwrite needs --logdir")
+    if args.overwrite and args.resume is not None:
+        raise UsageError("--overwrite and --resume exclude each other: --resume continues the run, --overwrite "
+                         "replaces it; keep one")

@@ -1,15 +1,16 @@
-"""PNG plots of a run (matplotlib, Agg): per-layer bit widths with kept channels; top-1 and relative BOPs."""
+"""PNG plots of a run: per-layer bit widths with kept channels; top-1 and relative BOPs. Drawn on standalone
+matplotlib figures (no pyplot), so the user's plotting backend is never touched."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from ..checkpoint_io import write_atomic
 
 BITS_PNG = "bits_per_layer.png"
 CURVES_PNG = "training_curves.png"
@@ -19,7 +20,8 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     """Bars of weight and activation bits per layer; the kept-channel fraction on a second axis."""
     names = [row["name"] for row in layers]
     xs = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    ax = fig.subplots()
     width = 0.4
     ax.bar([x - width / 2 for x in xs], [row.get("weight_bits") or 0 for row in layers], width, label="weight bits")
     ax.bar([x + width / 2 for x in xs], [row.get("act_bits") or 0 for row in layers], width, label="activation bits")
@@ -36,15 +38,15 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Top-1 (left axis) and relative BOPs (right axis, log) over the evaluated epochs."""
     evaluated = [r for r in records if r.get("top1") is not None]
     xs = [r["index"] for r in evaluated]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.plot(xs, [r["top1"] for r in evaluated], "C0o-", label="top-1 %")
     ax.set_xlabel("epoch (training, then fine-tuning)")
     ax.set_ylabel("top-1 accuracy (%)", color="C0")
@@ -54,5 +56,10 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> No
     bops.set_ylabel("relative BOPs vs W32A32 (%)", color="C1")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_atomic(path, lambda fh: fh.write(buf.getbuffer()), size=buf.tell())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import shlex
@@ -19,21 +18,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import data
+from .. import checkpoint_io, data
 from ..bops import assign_macs, bop_report, format_report
 from ..calibration import calibrate, freeze_batch_norm
-from ..config import QuantConfig
+from ..errors import CheckpointError, NonFiniteError
+from ..experiments import Experiment, get_experiment, quant_config
 from ..finetune import convert_to_fixed
 from ..models import build_model
 from ..regularizer import regularizer
 from . import checkpoint, plots
 from .distributed import DistEnv, broadcast_object, gather_objects, setup, teardown
 from .errors import DataError, UsageError
-from .experiments import Experiment, get_experiment
 from .loop import StepSettings, TrainingModule, evaluate, train_epoch
 from .metrics import RunLog, read_metrics
 from .optim import build_finetune_optimizers, build_optimizers, group_settings, select_kinds, split_parameters
 from .options import DEBUG_BATCHES
+from .rundir import RunDir, open_run_dir
 from .schedules import ScheduleSpec, build_finetune_schedulers, build_schedulers, parse_lr_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +41,11 @@ CALIBRATION_IMAGES = 2  # §6.2 step 5
 # Options a resumed run must share with the run that wrote the checkpoint (they change the model's structure).
 STRUCTURAL = ("experiment", "model", "include_pruning", "prune_only", "fixed_8bit", "fixed_48bit", "weight_quant",
               "act_quant", "learned_scale", "synthetic_image_size")
+# Options that do not change what a run computes: a resumed run may pass other values; every other flag must match.
+RUN_INDEPENDENT = ("resume", "checkpoint", "eval_only", "logdir", "make_subdir", "overwrite", "data_dir", "n_workers",
+                   "device", "log_every", "save_checkpoints", "checkpointing")
+# What a checkpoint needs beyond its model state to be resumed.
+RESUME_KEYS = ("epoch", "index", "optimizers", "schedulers", "scaler", "rng", "options", "last_top1", "pre_ft_model")
 
 
 def seed_everything(seed: int) -> None:
@@ -48,11 +53,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - the global stream other code may draw from
     random.seed(seed)
-
-
-def quant_config(args: argparse.Namespace) -> QuantConfig:
-    """The model's ``QuantConfig`` from the command line (its fields are flags of the same names)."""
-    return QuantConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)})
 
 
 def layer_summary(row: dict[str, Any]) -> dict[str, Any]:
@@ -100,23 +100,38 @@ class Run:
                              f"use a multiple of {env.world}")
         self.batch = args.batch_size // env.world
         self.max_batches = DEBUG_BATCHES if args.debug else args.max_batches
-        self.logdir = self._make_logdir()
-        self.log = RunLog(self.logdir, env.is_main)
+        self.run_dir: RunDir | None = None  # opened by ``open_logdir`` once the checkpoint to read is checked
+        self.logdir: Path | None = None
+        self.log = RunLog(None, env.is_main)
         self.index = 0  # completed epochs over both phases
         self.last_top1: float | None = None
+        self.last_saved: str | None = None  # the newest last.pth written by this run, and its epoch
 
     # ----- set-up -------------------------------------------------------------------------------------------
-    def _make_logdir(self) -> Path | None:
-        if self.args.logdir is None or not self.env.is_main:
-            return None
-        logdir = Path(self.args.logdir)
-        if self.args.make_subdir:
-            logdir = logdir / datetime.now().strftime("%Y%m%d-%H%M%S")
-        try:
-            logdir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--logdir {logdir} cannot be created ({exc}); pass a writable folder") from None
-        return logdir
+    def open_logdir(self) -> None:
+        """Rank 0 opens (probes, locks, checks) the run folder; every rank stops with its error."""
+        args, failure = self.args, None
+        if args.logdir is not None and self.env.is_main:
+            logdir = Path(args.logdir)
+            if args.make_subdir:
+                logdir = logdir / datetime.now().strftime("%Y%m%d-%H%M%S")
+            try:
+                if args.overwrite and args.checkpoint and Path(args.checkpoint).resolve().parent == logdir.resolve():
+                    raise UsageError(f"--overwrite would delete --checkpoint {args.checkpoint}; pick another --logdir")
+                self.run_dir = open_run_dir(logdir, resume=args.resume is not None, overwrite=args.overwrite)
+            except UsageError as exc:
+                failure = str(exc)
+        failure = broadcast_object(self.env, failure)
+        if failure is not None:
+            raise UsageError(failure)
+        if self.run_dir is not None:
+            self.logdir = self.run_dir.path
+            self.log = RunLog(self.logdir, self.env.is_main)
+
+    def close(self) -> None:
+        """Release the run folder's lock."""
+        if self.run_dir is not None:
+            self.run_dir.release()
 
     def build_data(self) -> None:
         args, env = self.args, self.env
@@ -149,7 +164,9 @@ class Run:
         args = self.args
         seed_everything(args.seed)
         try:
-            self.model = build_model(args.model, quant_config(args), pretrained=args.pretrained)
+            self.mac_shape = self.exp.input_shape(args.synthetic_image_size)
+            self.model = build_model(args.model, quant_config(args), pretrained=args.pretrained,
+                                     input_shape=self.mac_shape[1:])
         except RuntimeError as exc:  # pretrained weights that cannot be fetched
             if not args.pretrained:
                 raise
@@ -160,9 +177,8 @@ class Run:
         calibrate(self.model, images.to(self.env.device))
         if args.static_fold_bn:
             freeze_batch_norm(self.model)
-        self.mac_shape = self.exp.input_shape(args.synthetic_image_size)
         if args.reg_type == "bop":
-            assign_macs(self.model, self.mac_shape)
+            assign_macs(self.model)
 
     def main_phase(self) -> Phase:
         args = self.args
@@ -206,7 +222,9 @@ class Run:
             "last_top1": self.last_top1,
         }
         for name in names:
-            checkpoint.save_atomic(state, self.logdir / name)
+            checkpoint_io.save(state, self.logdir / name)
+            if name == "last.pth":
+                self.last_saved = f"{self.logdir / name} (after {phase.name} epoch {phase.done})"
 
     def check_compatible(self, ckpt: dict[str, Any], flag: str) -> None:
         old = ckpt.get("options", {})
@@ -214,6 +232,32 @@ class Run:
             if key in old and old[key] != getattr(self.args, key):
                 raise UsageError(f"{flag}: the checkpoint was written with {key}={old[key]!r} but this run has "
                                  f"{getattr(self.args, key)!r}; pass the flags of the original run")
+
+    def check_resumable(self, ckpt: dict[str, Any]) -> None:
+        """A resumed run continues the same run: every flag that changes it must equal the checkpoint's."""
+        flag = f"--resume {self.args.resume}"
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing or not isinstance(ckpt["options"], dict):
+            raise CheckpointError(f"{flag}: cannot be resumed: no {', '.join(missing) or 'options'} entries")
+        old, new = ckpt["options"], vars(self.args)
+        diffs = [f"--{k.replace('_', '-')} {new[k]!r} (checkpoint: {old[k]!r})" for k in sorted(new)
+                 if k in old and k not in RUN_INDEPENDENT and old[k] != new[k]]
+        if diffs:
+            raise UsageError(f"{flag}: these flags differ from the run that wrote it: {'; '.join(diffs)}. A resumed "
+                             "run continues that run: pass its flags, or start a new run in another --logdir")
+
+    def load_phase(self, phase: Phase, ckpt: dict[str, Any]) -> None:
+        """Restore a phase's optimizers, schedulers, counters and random streams from the resumed checkpoint."""
+        try:
+            phase.load(ckpt)
+            if self.scaler is not None and ckpt["scaler"] is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.restore_rng(ckpt)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"--resume {self.args.resume}: its optimizer, scheduler or random state does not "
+                                  f"fit this run ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+        phase.done = ckpt["epoch"]
+        self.index, self.last_top1 = ckpt["index"], ckpt["last_top1"]
 
     def restore_rng(self, ckpt: dict[str, Any]) -> None:
         states = ckpt["rng"]
@@ -226,7 +270,7 @@ class Run:
 
     # ----- reporting ----------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        return bop_report(self.model, self.mac_shape)
+        return bop_report(self.model)
 
     def evaluate(self, tag: str) -> tuple[float, dict[str, Any]]:
         report = self.report()
@@ -256,16 +300,22 @@ class Run:
             epoch = phase.done
             self.train_loader.sampler.set_epoch(self.index)
             label = "Epoch" if phase.name == "train" else "Fine-tune epoch"
-            stats = train_epoch(module, self.train_loader, list(phase.optimizers.values()),
-                                list(phase.step_schedulers.values()), settings, self.env,
-                                desc=f"[{label} {epoch + 1}/{phase.epochs}]", log_line=self.log.line,
-                                log_every=args.log_every)
+            try:
+                stats = train_epoch(module, self.train_loader, list(phase.optimizers.values()),
+                                    list(phase.step_schedulers.values()), settings, self.env,
+                                    desc=f"[{label} {epoch + 1}/{phase.epochs}]", log_line=self.log.line,
+                                    log_every=args.log_every)
+            except NonFiniteError as exc:
+                self.diverged(exc)
             self.log.line(f"[{label} {epoch + 1}/{phase.epochs}] avg_loss {stats.loss:.4f} avg_ce {stats.ce:.4f} "
                           f"avg_reg {stats.reg:.4f} ({stats.seconds:.1f} s, {stats.images_per_s:.0f} img/s)")
             top1 = report = None
             last = epoch + 1 == phase.epochs
             if phase.name == "finetune" or last or (epoch + 1) % args.eval_every == 0:
-                top1, report = self.evaluate(f"{label} {epoch + 1}")
+                try:
+                    top1, report = self.evaluate(f"{label} {epoch + 1}")
+                except NonFiniteError as exc:
+                    self.diverged(exc)
             for sched in phase.epoch_schedulers.values():
                 sched.step()
             phase.done += 1
@@ -274,6 +324,18 @@ class Run:
             tag = str(phase.done) if phase.name == "train" else f"FT-{phase.done}"
             names = ["last.pth"] + ([f"epoch_{tag}.pth"] if args.save_checkpoints else [])
             self.save(phase, names, pre_ft_model)
+
+    def diverged(self, exc: NonFiniteError) -> None:
+        """Stop the run: log and raise the error with where the last good state lies."""
+        if self.logdir is None:
+            where = "nothing was written (no --logdir)"
+        elif self.last_saved is None:
+            where = "no checkpoint of this run was written before it"
+        else:
+            where = f"last good checkpoint: {self.last_saved}"
+        message = f"training stopped: {exc}; {where}"
+        self.log.line(message, echo=False)  # the command line prints it
+        raise NonFiniteError(message) from None
 
     def finish(self, phase: Phase, pre_ft_model: dict[str, Any] | None) -> dict[str, Any]:
         top1 = self.last_top1
@@ -312,20 +374,19 @@ class Run:
         args = self.args
         ckpt = None  # read first: a bad path fails before any data or model work
         if args.eval_only:
-            ckpt = checkpoint.load(args.checkpoint, "--checkpoint")
+            ckpt = checkpoint_io.load_checkpoint(args.checkpoint, "--checkpoint")
             self.check_compatible(ckpt, "--checkpoint")
         elif args.resume is not None:
-            ckpt = checkpoint.load(args.resume, "--resume")
-            self.check_compatible(ckpt, "--resume")
-            if ckpt["phase"] == "finetune" and args.fixed_gate_finetune_epochs == 0:
-                raise UsageError(f"--resume {args.resume} is a fine-tuning checkpoint; pass the original "
-                                 "--fixed-gate-finetune-epochs N")
+            ckpt = checkpoint_io.load_checkpoint(args.resume, "--resume")
+            self.check_resumable(ckpt)
+        self.open_logdir()  # before any data or model work: an unusable folder fails at once
         self.build_data()
         self.build_model()
         self.log.line(f"Command: {shlex.join(sys.argv)}")
         self.log.line(repr(self.model))
         if ckpt is not None:
-            checkpoint.load_model_state(self.model, ckpt, self.env.device)
+            source = f"--checkpoint {args.checkpoint}" if args.eval_only else f"--resume {args.resume}"
+            checkpoint_io.load_model_state(self.model, ckpt, source, self.env.device)
         if args.eval_only:
             self.evaluate("Eval-only")
             return self.finish(Phase("eval", 0, {}), None)
@@ -337,13 +398,9 @@ class Run:
 
         pre_ft_model = None
         phase = self.main_phase()
-        if ckpt is not None and ckpt["phase"] == "train":
-            phase.load(ckpt)
-            phase.done = ckpt["epoch"]
         if ckpt is None or ckpt["phase"] == "train":
             if ckpt is not None:
-                self.index, self.last_top1 = ckpt["index"], ckpt["last_top1"]
-                self.restore_rng(ckpt)
+                self.load_phase(phase, ckpt)
             self.run_phase(phase, self.wrap(with_regularizer=True), None)
 
         if args.fixed_gate_finetune_epochs > 0:
@@ -352,10 +409,7 @@ class Run:
             if ckpt is not None and ckpt["phase"] == "finetune":
                 pre_ft_model = ckpt["pre_ft_model"]
                 phase = self.finetune_phase(steps)
-                phase.load(ckpt)
-                phase.done = ckpt["epoch"]
-                self.index, self.last_top1 = ckpt["index"], ckpt["last_top1"]
-                self.restore_rng(ckpt)
+                self.load_phase(phase, ckpt)
             else:
                 self.save(phase, ["epoch_FINAL_PRE_FT.pth"], None)
                 pre_ft_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -373,6 +427,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule = parse_lr_schedule(args.lr_schedule or exp.default_lr_schedule)
     env = setup(args.device)
     try:
-        return Run(args, exp, schedule, env).execute()
+        run_ = Run(args, exp, schedule, env)
+        try:
+            return run_.execute()
+        finally:
+            run_.close()
     finally:
         teardown(env)

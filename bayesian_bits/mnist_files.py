@@ -15,7 +15,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .errors import DataError
+from .checkpoint_io import write_atomic
+from .errors import DataError, WriteError
 
 # MD5 of the uncompressed canonical files.
 MNIST_MD5 = {
@@ -38,9 +39,11 @@ def _store(raw: Path, name: str, data: bytes, source: str) -> None:
     """Write one verified file atomically; a checksum mismatch is a ``DataError``."""
     if md5(data) != MNIST_MD5[name]:
         raise DataError(f"MNIST file {name} from {source} is damaged (MD5 {md5(data)}, expected {MNIST_MD5[name]})")
-    tmp = raw / f".{name}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(raw / name)
+    try:
+        write_atomic(raw / name, lambda fh: fh.write(data), size=len(data))
+    except WriteError as exc:
+        raise DataError(f"{exc} (MNIST's decompressed files are stored next to the .gz files: make {raw} "
+                        "writable, or copy the .gz files into a writable --data-dir)") from None
 
 
 def _local(raw: Path, name: str) -> bool:

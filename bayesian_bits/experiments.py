@@ -1,9 +1,15 @@
-"""The reference's three experiments: image shape, classes, models and per-experiment defaults (§3.2, §6.4–6.5)."""
+"""The reference's three experiments: image shape, classes, models and per-experiment defaults (§3.2, §6.4–6.5);
+the quantization settings a run's options give."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from .config import QuantConfig
 from .errors import UsageError
 
 
@@ -50,3 +56,9 @@ def get_experiment(name: str, model: str) -> Experiment:
             f"use --model {' or '.join(exp.models)}"
         )
     return exp
+
+
+def quant_config(options: Mapping[str, Any] | argparse.Namespace) -> QuantConfig:
+    """The model's ``QuantConfig`` from run options (parsed flags, or a checkpoint's ``options``; same names)."""
+    values = vars(options) if isinstance(options, argparse.Namespace) else options
+    return QuantConfig(**{f.name: values[f.name] for f in dataclasses.fields(QuantConfig)})

@@ -1,0 +1,21 @@
+"""The library's errors; the command line reports each as one line (exit status 2, or 1 for ``NonFiniteError``)."""
+
+
+class UsageError(ValueError):
+    """A bad argument or input: the message names it and the fix."""
+
+
+class DataError(UsageError):
+    """A dataset that is missing or damaged: the message says what was looked for and how to provide it."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or export file that is missing, unreadable, damaged or not written by bayesian-bits."""
+
+
+class WriteError(UsageError):
+    """A file that cannot be written (read-only folder, a folder in the way, full disk): names path and fix."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or infinite values where finite ones are needed (a diverged run, a damaged model)."""

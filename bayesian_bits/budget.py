@@ -129,10 +129,15 @@ class BopBudget:
         low: float = LOW,
     ) -> ProjectionResult:
         """Bring the eval model to at most the target and, when under `low` × target, back towards it (see
-        `projection.project`), ranking switches by their saliency on `batches` (None: by BOPs alone). `reduce` sums
-        a list of floats over DDP processes so every process switches the same gates."""
-        saliency = None if batches is None else gate_saliency(self.model, batches, loss_fn, reduce)
-        return project_model(self.model, self.target_bops, saliency, low)
+        `projection.project`), ranking switches by their saliency on `batches` (re-iterated at every stage; a
+        one-shot iterator is kept as a list; None: by BOPs alone). `reduce` sums a list of floats over DDP
+        processes so every process switches the same gates."""
+        if batches is None:
+            return project_model(self.model, self.target_bops, None, low)
+        if iter(batches) is batches:
+            batches = list(batches)
+        return project_model(self.model, self.target_bops,
+                             lambda: gate_saliency(self.model, batches, loss_fn, reduce), low)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: μ, the step count and the ramp's start."""

@@ -14,6 +14,7 @@ estimate 0 and is switched back on only after every channel with a positive esti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ LOW = 0.9  # the band is [LOW, 1] x target
 ON_LOGIT = 0.0  # a gate switched on: above the eval threshold (gamma > −0.935)
 OFF_LOGIT = -3.0  # a gate switched off: below the eval threshold and the skip rule's −2
 SLACK = 1e-9  # relative margin under the target, so the reported percentage never rounds above it
+STAGE = 0.7  # each shrinking stage at most multiplies the BOPs by this before the loss estimates are refreshed
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ class Board(Protocol):
         """Restore `switches` to their state before their last flip."""
         ...
 
+    def refresh(self) -> None:
+        """Re-estimate the loss changes at the current state."""
+        ...
+
 
 @dataclass
 class ProjectionResult:
@@ -94,15 +100,30 @@ class ProjectionResult:
 def project(board: Board, target: float, low: float = LOW) -> ProjectionResult:
     """Bring `board` to at most `target` BOPs, then fill it back towards it while it stays under.
 
-    Over the target: switch off the on-switches of smallest estimated loss per BOP saved, a batch per round whose
-    savings cover the excess (savings shrink as others are applied, so a round never overshoots by more than its
-    last switch), until at or under. Under `low` × target: switch on the off-switches of largest estimated loss per
-    BOP added, while the exact total stays under. Raises ValueError if nothing is left
-    to switch off while still over.
+    Over the target: in stages that each cut the BOPs by at most 30 % (the loss estimates are refreshed between stages),
+    switch off the on-switches of smallest estimated loss per BOP saved, a batch per round whose savings cover the
+    stage's excess (savings shrink as others are applied, so a round never overshoots by more than its last
+    switch). Under `low` × target: switch on the off-switches of largest estimated loss per BOP added, while the
+    exact total stays under. Raises ValueError if nothing is left to switch off while still over.
     """
     limit = target * (1.0 - SLACK)
     total = board.total()
     result = ProjectionResult(total, total)
+    if total > limit:
+        stages = math.ceil(math.log(limit / total) / math.log(STAGE))
+        for k in range(1, stages + 1):
+            stage_limit = limit if k == stages else max(limit, total * STAGE)
+            total = _shrink(board, total, stage_limit, target, result)
+            if k < stages:
+                board.refresh()
+    if total < low * target:
+        total = _fill(board, total, limit, result)
+    result.after = total
+    return result
+
+
+def _shrink(board: Board, total: float, limit: float, target: float, result: ProjectionResult) -> float:
+    """Switch off the cheapest loss per BOP saved until the total is at or under `limit`; returns it."""
     while total > limit:
         ranked = sorted((o for o in board.options() if o.on and o.bops > 0),
                         key=lambda o: (o.loss / o.bops, -o.bops))
@@ -121,10 +142,7 @@ def project(board: Board, target: float, low: float = LOW) -> ProjectionResult:
         board.flip(chosen, on=False)
         result.switched_off += chosen
         total = board.total()
-    if total < low * target:
-        total = _fill(board, total, limit, result)
-    result.after = total
-    return result
+    return total
 
 
 def _fill(board: Board, total: float, limit: float, result: ProjectionResult) -> float:
@@ -187,14 +205,19 @@ def minimum_bops(model: nn.Module) -> float:
 
 
 class ModelBoard:
-    """`Board` of a prepared model in its eval-gate state; `saliency` maps switches to estimated loss changes
-    (missing: 0)."""
+    """`Board` of a prepared model in its eval-gate state; `estimate()` maps switches to estimated loss changes at
+    the current state (missing switches: 0; None: every estimate 0, switches ranked by BOPs alone)."""
 
-    def __init__(self, model: nn.Module, saliency: dict[Switch, float] | None = None) -> None:
+    def __init__(self, model: nn.Module, estimate: Callable[[], dict[Switch, float]] | None = None) -> None:
         self.model = unwrap(model)
         self.quantizers = _bb_quantizers(self.model)
-        self.saliency = saliency or {}
+        self.estimate = estimate
+        self.saliency: dict[Switch, float] = {}
         self._saved: dict[Switch, tuple[Tensor, Tensor]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.saliency = {} if self.estimate is None else self.estimate()
 
     def total(self) -> float:
         return eval_total(self.model)
@@ -358,9 +381,8 @@ def gate_saliency(
 
 
 def project_model(
-    model: nn.Module, target_bops: float, saliency: dict[Switch, float] | None = None, low: float = LOW
+    model: nn.Module, target_bops: float, estimate: Callable[[], dict[Switch, float]] | None = None, low: float = LOW
 ) -> ProjectionResult:
-    """`project` a prepared model onto `target_bops` eval BOPs (see `project`); `saliency` from `gate_saliency`."""
-    return project(ModelBoard(model, saliency), target_bops, low)
-
-
+    """`project` a prepared model onto `target_bops` eval BOPs (see `project`); `estimate` gives the loss estimates
+    at the current state, e.g. ``lambda: gate_saliency(model, batches)``."""
+    return project(ModelBoard(model, estimate), target_bops, low)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from bayesian_bits.cli import main as cli_main
 
@@ -71,6 +72,9 @@ def plot(rows: list[dict], path: Path, epochs: set[int]) -> None:
                         textcoords="offset points", xytext=(4, 4))
     ax.plot([PAPER[0]], [PAPER[1]], "C3*", markersize=14, label="paper (0.36 %, 99.30 %)")
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("relative BOPs vs W32A32 (%), eval model")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"LeNet5 on MNIST, {'/'.join(str(e) for e in sorted(epochs))} epochs per run "

@@ -101,6 +101,7 @@ class FakeBoard:
     items: dict[str, tuple[float, float]]  # name -> (BOPs when on, estimated loss)
     state: dict[str, bool]
     flips: list[tuple[str, bool]] = field(default_factory=list)
+    refreshed: int = 0
 
     def total(self) -> float:
         return self.base + sum(b for k, (b, _) in self.items.items() if self.state[k])
@@ -116,6 +117,9 @@ class FakeBoard:
     def undo(self, switches: list[Switch]) -> None:
         for s in switches:
             self.state[s.quantizer] = not self.state[s.quantizer]
+
+    def refresh(self) -> None:
+        self.refreshed += 1
 
 
 def test_project_switches_off_the_cheapest_loss_per_bop_first() -> None:

@@ -25,7 +25,7 @@ test: lint
 
 # The main job: Bayesian Bits LeNet5 on real MNIST with the reference README's flags, for a few epochs.
 DATA_DIR ?= data
-DEMO_EPOCHS ?= 5
+DEMO_EPOCHS ?= 4
 SHARED_MNIST := ../shared/data/MNIST/raw
 
 demo: $(STAMP)
@@ -35,7 +35,8 @@ demo: $(STAMP)
 		--batch-size 128 --learning-rate 1e-3 --learning-rate-q 1e-3 --learning-rate-s 1e-3 \
 		--optimizer Adam --optimizer-q Adam --optimizer-s Adam --gating-lambda 0.1 \
 		--gamma-4-init 6 --gamma-8-init 6 --gamma-16-init -6 --gamma-32-init -6 --learned-scale range \
-		--include-pruning --reg-type bop --epochs $(DEMO_EPOCHS) --eval-every 1 --logdir runs/demo --overwrite
+		--include-pruning --reg-type bop --epochs $(DEMO_EPOCHS) --eval-every 1 --logdir runs/demo --overwrite \
+		--target-rel-bops 1.0 --fixed-gate-finetune-epochs 1
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_quantizer --csv bench_out/quantizer.csv

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..budget import BopBudget
 from ..errors import NonFiniteError
 from .distributed import DistEnv, all_sum
 
@@ -47,13 +48,15 @@ class TrainingModule(nn.Module):
 
 @dataclass
 class StepSettings:
-    """How an iteration is run: λ, the weight-decay factor, autocast dtype, optional fp16 grad scaler."""
+    """How an iteration is run: λ (or a BOP budget's μ, updated after every step), the weight-decay factor,
+    autocast dtype, optional fp16 grad scaler."""
 
     gating_lambda: float
     weight_decay: float
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     max_batches: int | None
+    budget: BopBudget | None = None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -109,7 +112,8 @@ def train_epoch(
             with autocast(env.device, settings.amp_dtype):
                 logits, reg, l2 = module(x)
             ce = F.cross_entropy(logits.float(), y)
-            loss = ce + settings.gating_lambda * reg + settings.weight_decay * l2
+            lam = settings.gating_lambda if settings.budget is None else settings.budget.mu
+            loss = ce + lam * reg + settings.weight_decay * l2
             if settings.scaler is not None:
                 settings.scaler.scale(loss).backward()
                 for opt in optimizers:
@@ -120,6 +124,8 @@ def train_epoch(
                 for opt in optimizers:
                     opt.step()
             check_finite_step(module, params, (loss, ce, reg, l2), settings, f"{desc} iteration {i + 1}/{total}")
+            if settings.budget is not None:
+                settings.budget.step()
             for sched in step_schedulers:
                 sched.step()
             n = y.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -77,6 +78,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     bb = parser.add_argument_group("Bayesian Bits (reference flags)")
     bb.add_argument("--gating-lambda", type=float, default=0.0, help="regulariser strength (README 'MU'; default 0)")
+    bb.add_argument("--target-rel-bops", type=float, default=None, metavar="P",
+                    help="BOP budget in %% of W32A32 (the relative BOPs the report prints): the regulariser weight "
+                    "follows it by dual ascent (--gating-lambda is then its start, default 0.1) and the model is "
+                    "projected onto it at the end of gate training, ending in [0.9, 1] x P; needs --reg-type bop")
+    bb.add_argument("--target-gbops", type=float, default=None, metavar="G",
+                    help="the BOP budget in GBOPs instead of --target-rel-bops")
     bb.add_argument("--gating-method", default="l0", choices=["l0", "fixed"],
                     help="training gates: l0 = stochastic hard-concrete (default), fixed = hard sigmoid")
     for bits in (4, 8, 16, 32):
@@ -188,8 +195,29 @@ def check_train_options(args: argparse.Namespace) -> None:
         raise UsageError("--make-subdir needs --logdir")
     if args.save_checkpoints and args.logdir is None:
         raise UsageError("--save-checkpoints needs --logdir")
+    check_budget_options(args)
     if args.overwrite and args.logdir is None:
         raise UsageError("--overwrite needs --logdir")
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite and --resume exclude each other: --resume continues the run, --overwrite "
                          "replaces it; keep one")
+
+
+def check_budget_options(args: argparse.Namespace) -> None:
+    """The BOP budget flags: one target, positive, with the BOP-weighted regulariser, on a training run."""
+    given = [(f, v) for f, v in (("--target-rel-bops", args.target_rel_bops), ("--target-gbops", args.target_gbops))
+             if v is not None]
+    if not given:
+        return
+    if len(given) > 1:
+        raise UsageError("--target-rel-bops and --target-gbops are two units for one budget; pass one of them")
+    flag, value = given[0]
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be a positive number, got {value}")
+    if args.reg_type != "bop":
+        raise UsageError(f"{flag} steers the BOP-weighted regulariser; add --reg-type bop")
+    if args.eval_only:
+        raise UsageError(f"{flag} sets a budget for training; --eval-only trains nothing, drop {flag}")
+    if args.gating_lambda < 0:
+        raise UsageError(f"--gating-lambda {args.gating_lambda}: the initial regulariser weight must be positive "
+                         "(0 or unset starts at 0.1)")

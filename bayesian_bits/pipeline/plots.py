@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..checkpoint_io import write_atomic
 
 BITS_PNG = "bits_per_layer.png"
 CURVES_PNG = "training_curves.png"
+BUDGET_PNG = "budget.png"
 
 
 def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -63,3 +65,39 @@ def _save(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     write_atomic(path, lambda fh: fh.write(buf.getbuffer()), size=buf.tell())
+
+
+def plot_budget(records: Sequence[dict[str, Any]], path: Path, title: str, final_rel_bops: float) -> None:
+    """A BOP-budgeted run per training epoch: expected and eval relative BOPs (log) against the target band
+    [0.9, 1] x target, μ on the right axis (log); the final model (after the projection) as a star."""
+    trained = [r for r in records if r.get("mu") is not None]
+    xs = [r["index"] for r in trained]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    if trained:
+        target = trained[-1]["target_rel_bops"]
+        ax.axhspan(0.9 * target, target, color="k", alpha=0.12, label=f"target band [0.9, 1] x {target:g} %")
+    ax.plot(xs, [r["expected_rel_bops"] for r in trained], "C0o-", label="expected (gate probabilities)")
+    ax.plot(xs, [r["eval_rel_bops"] for r in trained], "C1s--", label="eval model")
+    if xs:
+        ax.plot([xs[-1]], [final_rel_bops], "C3*", markersize=14, label="final model (projected)")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training epoch")
+    ax.set_ylabel("relative BOPs vs W32A32 (%)")
+    mu = ax.twinx()
+    mu.plot(xs, [r["mu"] for r in trained], "C2^:", label="μ (right axis)")
+    mu.set_yscale("log")
+    mu.yaxis.set_major_formatter(plain)
+    mu.yaxis.set_minor_formatter(plain)
+    mu.tick_params(axis="y", which="minor", labelsize=7)
+    mu.set_ylabel("μ (regulariser weight)", color="C2")
+    handles = ax.get_legend_handles_labels()[0] + mu.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import shlex
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoint_io, data
 from ..bops import assign_macs, bop_report, format_report
+from ..budget import DEFAULT_MU, BopBudget
 from ..calibration import calibrate, freeze_batch_norm
 from ..errors import CheckpointError, NonFiniteError
 from ..experiments import Experiment, get_experiment, quant_config
@@ -27,7 +29,7 @@ from ..finetune import convert_to_fixed
 from ..models import build_model
 from ..regularizer import regularizer
 from . import checkpoint, plots
-from .distributed import DistEnv, broadcast_object, gather_objects, setup, teardown
+from .distributed import DistEnv, all_sum, broadcast_object, gather_objects, setup, teardown
 from .errors import DataError, UsageError
 from .loop import StepSettings, TrainingModule, evaluate, train_epoch
 from .metrics import RunLog, read_metrics
@@ -38,6 +40,7 @@ from .schedules import ScheduleSpec, build_finetune_schedulers, build_schedulers
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CALIBRATION_IMAGES = 2  # §6.2 step 5
+PROBE_BATCHES = 8  # training batches whose gate gradients rank the projection's switches
 # Options a resumed run must share with the run that wrote the checkpoint (they change the model's structure).
 STRUCTURAL = ("experiment", "model", "include_pruning", "prune_only", "fixed_8bit", "fixed_48bit", "weight_quant",
               "act_quant", "learned_scale", "synthetic_image_size")
@@ -105,6 +108,8 @@ class Run:
         self.log = RunLog(None, env.is_main)
         self.index = 0  # completed epochs over both phases
         self.last_top1: float | None = None
+        self.budget: BopBudget | None = None  # --target-rel-bops / --target-gbops, made with the model
+        self.projection: dict[str, Any] | None = None  # what the projection onto the budget did
         self.last_saved: str | None = None  # the newest last.pth written by this run, and its epoch
 
     # ----- set-up -------------------------------------------------------------------------------------------
@@ -179,6 +184,35 @@ class Run:
             freeze_batch_norm(self.model)
         if args.reg_type == "bop":
             assign_macs(self.model)
+        self.budget = self.build_budget()
+
+    def build_budget(self) -> BopBudget | None:
+        """The budget of --target-rel-bops / --target-gbops (μ starts at --gating-lambda, 0 meaning 0.1), or None."""
+        args = self.args
+        if args.target_rel_bops is None and args.target_gbops is None:
+            return None
+        steps = len(self.train_loader) if self.max_batches is None else min(len(self.train_loader), self.max_batches)
+        flag = "--target-rel-bops" if args.target_rel_bops is not None else "--target-gbops"
+        try:
+            return BopBudget.for_training(self.model, steps_per_epoch=steps, epochs=args.epochs,
+                                          mu=args.gating_lambda or DEFAULT_MU, target_rel_bops=args.target_rel_bops,
+                                          target_gbops=args.target_gbops)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+
+    def project_onto_budget(self) -> None:
+        """End of gate training: switch gates until the eval model is in the budget's band (SPEC A9); without
+        fine-tuning, evaluate the projected model (the final one)."""
+        batches = itertools.islice(iter(self.train_loader), PROBE_BATCHES)
+        result = self.budget.project(batches, reduce=lambda values: all_sum(self.env, values))
+        base = self.budget.baseline / 100.0
+        self.projection = {"before_rel_bops": result.before / base, "after_rel_bops": result.after / base,
+                           "switched_off": len(result.switched_off), "switched_on": len(result.switched_on)}
+        self.log.line(f"Projection onto {self.budget.target_rel_bops:.4g} % BOPs: {result.before / base:.4g} % -> "
+                      f"{result.after / base:.4g} % ({len(result.switched_off)} gates switched off, "
+                      f"{len(result.switched_on)} back on)")
+        if result.changed and self.args.fixed_gate_finetune_epochs == 0:
+            self.evaluate("After projection onto the budget")
 
     def main_phase(self) -> Phase:
         args = self.args
@@ -220,6 +254,7 @@ class Run:
             "rng": rng,
             "options": vars(self.args),
             "last_top1": self.last_top1,
+            "budget": None if self.budget is None else self.budget.state_dict(),
         }
         for name in names:
             checkpoint_io.save(state, self.logdir / name)
@@ -253,6 +288,8 @@ class Run:
             if self.scaler is not None and ckpt["scaler"] is not None:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.restore_rng(ckpt)
+            if self.budget is not None and ckpt.get("budget") is not None:
+                self.budget.load_state_dict(ckpt["budget"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"--resume {self.args.resume}: its optimizer, scheduler or random state does not "
                                   f"fit this run ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
@@ -288,6 +325,12 @@ class Run:
                           seconds=stats.seconds)
         if top1 is not None and report is not None:
             record.update(top1=top1, relative_bops=report["relative_bops"], gbops=report["gbops"])
+        if self.budget is not None and phase.name == "train":
+            status = self.budget.status()
+            record.update(status)
+            self.log.line(f"budget: target {status['target_rel_bops']:.4g} %, expected "
+                          f"{status['expected_rel_bops']:.4g} %, eval {status['eval_rel_bops']:.4g} % BOPs, "
+                          f"mu {status['mu']:.4g}")
         self.log.metrics(record)
 
     # ----- phases -------------------------------------------------------------------------------------------
@@ -295,7 +338,8 @@ class Run:
         args = self.args
         settings = StepSettings(args.gating_lambda if phase.name == "train" else 0.0,
                                 args.weight_decay if phase.name == "train" else 0.0,
-                                self.amp_dtype, self.scaler, self.max_batches)
+                                self.amp_dtype, self.scaler, self.max_batches,
+                                self.budget if phase.name == "train" else None)
         while phase.done < phase.epochs:
             epoch = phase.done
             self.train_loader.sampler.set_epoch(self.index)
@@ -358,6 +402,8 @@ class Run:
             "device": str(self.env.device),
             "wall_time_s": time.perf_counter() - self.start,
             "command": shlex.join(sys.argv),
+            "target_rel_bops": None if self.budget is None else self.budget.target_rel_bops,
+            "projection": self.projection,
         }
         self.log.summary(summary)
         if self.logdir is not None:
@@ -366,6 +412,9 @@ class Run:
             plots.plot_layers(summary["layers"], self.logdir / plots.BITS_PNG,
                               f"{title}: {top1:.2f}% top-1, {report['relative_bops']:.2f}% BOPs")
             plots.plot_curves(read_metrics(self.logdir), self.logdir / plots.CURVES_PNG, title)
+            if self.budget is not None:
+                plots.plot_budget(read_metrics(self.logdir), self.logdir / plots.BUDGET_PNG, title,
+                                  report["relative_bops"])
         self.log.line(f"Done in {summary['wall_time_s']:.0f} s: top-1 {top1:.2f} %, relative BOPs "
                       f"{report['relative_bops']:.2f} %, {report['gbops']:.3g} GBOPs")
         return summary
@@ -402,6 +451,8 @@ class Run:
             if ckpt is not None:
                 self.load_phase(phase, ckpt)
             self.run_phase(phase, self.wrap(with_regularizer=True), None)
+            if self.budget is not None:
+                self.project_onto_budget()
 
         if args.fixed_gate_finetune_epochs > 0:
             steps = len(self.train_loader) if self.max_batches is None else min(len(self.train_loader),

@@ -473,7 +473,7 @@ class _Converter:
         found = {}
         for node, kind in self.layers.items():
             layer = self.gm.get_submodule(node.target)
-            if kind != "quant" or is_depthwise(layer):
+            if kind != "quant" or getattr(layer, "groups", 1) != 1:  # a grouped conv keeps its group structure
                 continue
             passthrough, sinks, frontier, ok = [], [], list(node.users), True
             while frontier and ok:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,6 +14,7 @@ from bayesian_bits.quantizer import BayesianBitsQuantizer
 from tests import zoo
 
 CONFIG = bb.QuantConfig(include_pruning=True, reg_type="bop")
+ZOO_CONFIG = bb.QuantConfig(6, 6, -6, -6, include_pruning=True, reg_type="bop")  # 8-bit at init
 
 
 def quantizer_names(model: nn.Module) -> list[str]:
@@ -198,17 +198,7 @@ def test_shared_layer_and_prepared_model_are_errors():
 
 # ---- the zoo: torchvision classification models at small inputs, a custom CNN, an MLP, a transformer ----
 
-ZOO = {
-    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 32),
-    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), 32),
-    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), 32),
-    "regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(num_classes=10), 32),
-    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10), 32),
-    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), 32),
-    "small_cnn": (zoo.SmallCNN, 16),
-    "mlp": (zoo.MLP, 16),
-    "transformer": (zoo.TinyTransformer, 16),
-}
+ZOO = zoo.ZOO
 
 
 def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -224,7 +214,7 @@ def zoo_model(name: str) -> tuple[nn.Module, torch.Tensor, nn.Module]:
     torch.manual_seed(0)
     float_model = build()
     x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))
-    model = bb.prepare(float_model, x, CONFIG)
+    model = bb.prepare(float_model, x, ZOO_CONFIG)
     bb.calibrate(model, x)
     return model, x, float_model
 
@@ -245,3 +235,39 @@ def test_zoo_train_step_and_bop_report(name):
     with torch.no_grad():
         assert torch.isfinite(model.eval()(x)).all()
     assert isinstance(bb.quantizers(model)[0][1], BayesianBitsQuantizer)
+
+
+def randomize_gates(model: nn.Module, seed: int = 0) -> None:
+    """Mixed eval bit widths (a third of the quantizers at 4 bits, the others at 8) and about 16 % of the channels
+    pruned."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in (m for m in model.modules() if isinstance(m, BayesianBitsQuantizer)):
+            q.gamma_8.fill_(-6.0 if int(torch.randint(0, 3, (), generator=gen)) == 0 else 6.0)
+            if q.gamma_2 is not None:
+                q.gamma_2.copy_(torch.randn(q.gamma_2.shape, generator=gen) * 2 + 2)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_exports(name, tmp_path):
+    """Every export format of an in-memory prepared model; onnxruntime matches PyTorch, the pruned and packed files
+    load back into the model prepared again."""
+    onnx = pytest.importorskip("onnxruntime")
+    assert onnx is not None
+    from bayesian_bits.export import export_model, load_packed, load_pruned, run_onnxruntime
+
+    model, x, float_model = zoo_model(name)
+    randomize_gates(model)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    for fmt in ("manifest", "pruned", "packed", "onnx"):
+        export_model(model, fmt, tmp_path / f"m.{fmt}")
+    got = run_onnxruntime(str(tmp_path / "m.onnx"), x)
+    assert float((got - ref).abs().max()) <= 1e-3 * float(ref.abs().max()) + 1e-6
+    skeleton = bb.prepare(float_model, x, ZOO_CONFIG)
+    pruned = load_pruned(tmp_path / "m.pruned", skeleton=skeleton)
+    with torch.no_grad():
+        out = pruned(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6)
+        assert torch.equal(load_packed(tmp_path / "m.packed", skeleton=skeleton)(x), out)

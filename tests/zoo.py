@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
 
@@ -85,3 +86,17 @@ class TinyTransformer(nn.Module):
 def small_cnn() -> nn.Module:
     """Factory for tests and the CLI (`--model tests.zoo:small_cnn`)."""
     return SmallCNN()
+
+
+# name → (float model builder, input side): the models `prepare` is tested and benchmarked on.
+ZOO = {
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 32),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), 32),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), 32),
+    "regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(num_classes=10), 32),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10), 32),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), 32),
+    "small_cnn": (SmallCNN, 16),
+    "mlp": (MLP, 16),
+    "transformer": (TinyTransformer, 16),
+}

@@ -1,6 +1,7 @@
-"""Export a trained checkpoint for deployment: ``manifest`` (JSON), ``pruned`` (float model with pruned channels
+"""Export a trained model for deployment: ``manifest`` (JSON), ``pruned`` (float model with pruned channels
 removed), ``packed`` (integer weights at their learned bit widths) and ``onnx`` (QDQ graph at the learned
-precisions). ``bayesian-bits export`` calls ``export``."""
+precisions). ``export_model`` writes an in-memory prepared model, ``export`` a checkpoint (``bayesian-bits
+export``); both run the same code."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from ..checkpoint_io import write_error
 from ..errors import UsageError, WriteError
-from .loader import Loaded, load_eval_model
+from .loader import Loaded, load_eval_model, loaded_model
 from .manifest import export_manifest, manifest
 from .onnx_qdq import export_onnx, onnx_model, onnxruntime_session, run_onnxruntime
 from .packed import export_packed, load_packed, pack
@@ -35,6 +38,16 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, image_size: int | 
     return FORMATS[fmt](loaded, out)
 
 
+def export_model(model: nn.Module, fmt: str, out: str | Path) -> str:
+    """Write a prepared, trained model (any model of `bayesian_bits.prepare`, switched to eval mode) in format
+    ``fmt`` to ``out``, for its example input's shape; returns a one-line summary. ``load_pruned`` and
+    ``load_packed`` read the files back given the model prepared again (``skeleton=``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _probe_output(Path(out))
+    return FORMATS[fmt](loaded_model(model), out)
+
+
 def _probe_output(out: Path) -> None:
     """Fail before any work if ``out`` cannot be written: a folder in its place, a missing or read-only folder."""
     if out.is_dir():
@@ -49,6 +62,24 @@ def _probe_output(out: Path) -> None:
         raise write_error(out, exc) from None
 
 
-__all__ = ["FORMATS", "Loaded", "export", "export_manifest", "export_onnx", "export_packed", "export_plan",
-           "export_pruned", "load_eval_model", "load_packed", "load_pruned", "manifest", "onnx_model",
-           "onnxruntime_session", "pack", "pruned_model", "run_onnxruntime"]
+__all__ = [
+    "FORMATS",
+    "Loaded",
+    "export",
+    "export_manifest",
+    "export_model",
+    "export_onnx",
+    "export_packed",
+    "export_plan",
+    "export_pruned",
+    "load_eval_model",
+    "load_packed",
+    "load_pruned",
+    "loaded_model",
+    "manifest",
+    "onnx_model",
+    "onnxruntime_session",
+    "pack",
+    "pruned_model",
+    "run_onnxruntime",
+]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torchvision.ops import StochasticDepth
 
 from ..dataflow import dataflow, unwrap
 from ..layers import QuantLayer
@@ -23,7 +24,7 @@ from .layer import ExportLayer
 from .quant import TensorQuant
 
 QUANTIZERS = (BayesianBitsQuantizer, FixedQuantizer, TensorQuant)
-LEAVES = (QuantLayer, ExportLayer, *QUANTIZERS)
+LEAVES = (QuantLayer, ExportLayer, StochasticDepth, *QUANTIZERS)
 RELU = (F.relu, torch.relu)
 ADD = (operator.add, torch.add, operator.iadd)
 

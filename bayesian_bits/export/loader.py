@@ -8,7 +8,9 @@ from typing import Any
 
 from torch import nn
 
+from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
+from ..dataflow import dataflow, unwrap
 from ..errors import CheckpointError, UsageError
 from ..experiments import get_experiment, quant_config
 from ..models import build_model
@@ -36,6 +38,31 @@ def model_from_options(options: Any, source: str) -> nn.Module:
         raise CheckpointError(f"{source}: its quantization options are incomplete or invalid ({exc})") from None
     shape = get_experiment(options["experiment"], options["model"]).input_shape(options.get("synthetic_image_size"))
     return build_model(options["model"], config, input_shape=shape[1:])
+
+
+def loaded_model(model: nn.Module) -> Loaded:
+    """An in-memory prepared model as export input: eval mode, shapes from the example input `prepare` was given.
+    Files written from it hold no training options, so loading them back needs the model (``skeleton=``)."""
+    shape = dataflow(model).input_shapes[0]
+    return Loaded(unwrap(model).eval(), type(unwrap(model)).__name__, shape, shape, {})
+
+
+def read_export(path: str | Path, kind: str, fmt: str, version: int, skeleton: nn.Module | None
+                ) -> tuple[dict[str, Any], nn.Module]:
+    """A ``pruned``/``packed`` file's data (read with ``weights_only=True``, digest checked) and the model it is
+    assembled into: ``skeleton`` (the prepared model it was exported from, rebuilt) or, for files exported from a
+    checkpoint, the model its training options describe. A missing, damaged or foreign file is a
+    ``CheckpointError``."""
+    source = f"{kind} file {path}"
+    data = checkpoint_io.load(path, f"{kind} file", f"a file written by bayesian-bits export --format {kind}")
+    if data.get("format") != fmt or data.get("version") != version:
+        raise CheckpointError(f"{source}: not a {fmt} file of version {version}")
+    if skeleton is not None:
+        return data, unwrap(skeleton)
+    if not data.get("options"):
+        raise CheckpointError(f"{source}: exported from an in-memory model; pass that model, prepared again, as "
+                              "skeleton=bayesian_bits.prepare(float_model, example_inputs, config)")
+    return data, model_from_options(data["options"], source)
 
 
 def load_eval_model(path: str | Path, flag: str = "CHECKPOINT", image_size: int | None = None) -> Loaded:

@@ -42,8 +42,9 @@ def manifest(loaded: Loaded) -> dict[str, Any]:
     report = bop_report(model)
     removable = regions(model).by_output
     layers = []
+    modules = dict(model.named_modules())
     for row in report["layers"]:
-        layer = model.get_submodule(row["name"])
+        layer = modules.get(row["name"])  # None for a matmul of two activations
         entry = {k: row[k] for k in ("name", "macs", "input_bits", "weight_bits", "act_bits", "kept_out_pct",
                                      "kept_in_pct")}
         entry["bops"] = row["gbops"] * 1e9
@@ -51,7 +52,7 @@ def manifest(loaded: Loaded) -> dict[str, Any]:
         # that feed a residual add stay there with zero weights.
         entry["channels_removed_on_export"] = row["name"] in removable
         for kind in ("weight", "act"):
-            q = getattr(layer, f"{kind}_quantizer")
+            q = getattr(layer, f"{kind}_quantizer", None)
             entry[kind] = None if q is None else tensor_entry(q)
         layers.append(entry)
     grouped = {f"{row['name']}.{kind}_quantizer" for row in report["layers"] for kind in ("weight", "act")}

@@ -13,7 +13,9 @@ Run it with ``onnxruntime_session``, which switches off onnxruntime's QDQ fusion
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torchvision.ops import StochasticDepth
 
 from bbkernels.reference import SHRINK
 
 from .. import checkpoint_io
 from ..errors import UsageError
-from .graph import ADD, RELU, flatten_dims, trace
+from .graph import trace
 from .layer import ExportLayer
 from .loader import Loaded
 from .pruned import pruned_model
@@ -159,84 +163,262 @@ class _Builder:
         return self.node("DequantizeLinear", [stored, *self._scale_zero(name, spec, storage, zero_point)], name)
 
     def activation(self, x: str, act: nn.Module, name: str) -> str:
+        """A pointwise activation module as ONNX nodes."""
         if isinstance(act, nn.ReLU):
             return self.node("Relu", [x], f"{name}.relu")
-        if isinstance(act, nn.ReLU6):
-            return self.clip(x, 0.0, 6.0, f"{name}.relu6")
+        if isinstance(act, (nn.ReLU6, nn.Hardtanh)):
+            lo, hi = (0.0, 6.0) if isinstance(act, nn.ReLU6) else (act.min_val, act.max_val)
+            return self.clip(x, lo, hi, f"{name}.clip")
+        if isinstance(act, nn.Sigmoid):
+            return self.node("Sigmoid", [x], f"{name}.sigmoid")
+        if isinstance(act, nn.Tanh):
+            return self.node("Tanh", [x], f"{name}.tanh")
+        if isinstance(act, nn.SiLU):
+            return self.node("Mul", [x, self.node("Sigmoid", [x], f"{name}.sigmoid")], f"{name}.silu")
+        if isinstance(act, nn.Hardswish):
+            return self.node("HardSwish", [x], f"{name}.hardswish")
+        if isinstance(act, nn.Hardsigmoid):
+            return self.node("HardSigmoid", [x], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
+        if isinstance(act, nn.GELU):
+            return self.node("Gelu", [x], f"{name}.gelu", approximate=act.approximate)
+        if isinstance(act, nn.LeakyReLU):
+            return self.node("LeakyRelu", [x], f"{name}.leaky_relu", alpha=act.negative_slope)
+        if isinstance(act, nn.ELU):
+            return self.node("Elu", [x], f"{name}.elu", alpha=act.alpha)
         raise UsageError(f"{name}: activation {type(act).__name__} has no ONNX export")
 
-    def layer(self, x: str, layer: ExportLayer, name: str) -> str:
-        """Conv or Gemm with dequantized weight and fp32 bias, bias map, activation, output Q→DQ."""
+    def layer(self, x: str, layer: ExportLayer, name: str, rank: int) -> str:
+        """Conv, Gemm or MatMul with dequantized weight and fp32 bias, bias map, activation, output Q→DQ."""
         op = layer.op
         w = self.weight(op.weight, layer.weight_quant, f"{name}.weight")
         b = self.const(f"{name}.bias", op.bias.detach().numpy().astype(np.float32))
-        if isinstance(op, nn.Conv2d):
-            if op.padding_mode != "zeros" or isinstance(op.padding, str):
-                raise UsageError(f"{name}: only explicit zero padding is exported")
-            ph, pw = op.padding
+        if isinstance(op, (nn.Conv1d, nn.Conv2d)):
+            if isinstance(op.padding, str):
+                raise UsageError(f"{name}: padding={op.padding!r} has no ONNX export; give the padding explicitly")
+            pads = list(op.padding) * 2
+            if op.padding_mode != "zeros":
+                mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[op.padding_mode]
+                spatial = [0, 0, *op.padding, 0, 0, *op.padding]
+                x = self.node("Pad", [x, self.const(f"{name}.pads", np.array(spatial, np.int64))], f"{name}.pad",
+                              mode=mode)
+                pads = [0] * len(pads)
             y = self.node("Conv", [x, w, b], f"{name}.conv", kernel_shape=list(op.kernel_size),
-                          strides=list(op.stride), pads=[ph, pw, ph, pw], dilations=list(op.dilation), group=op.groups)
-        else:
+                          strides=list(op.stride), pads=pads, dilations=list(op.dilation), group=op.groups)
+        elif rank == 2:
             y = self.node("Gemm", [x, w, b], f"{name}.gemm", transB=1)
+        else:
+            wt = self.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+            y = self.node("Add", [self.node("MatMul", [x, wt], f"{name}.matmul"), b], f"{name}.add_bias")
         if layer.bias_map is not None:
             y = self.node("Add", [y, self.const(f"{name}.bias_map", layer.bias_map.numpy()[None])], f"{name}.add_map")
         if layer.activation is not None:
             y = self.activation(y, layer.activation, name)
         return y if layer.act_quant is None else self.quantize(y, layer.act_quant.spec, f"{name}.act")
 
-
-def _pair(v: int | tuple[int, int]) -> list[int]:
-    return list(v) if isinstance(v, tuple) else [v, v]
-
-
-def _module_node(b: _Builder, x: str, module: nn.Module, name: str) -> str:
-    if isinstance(module, ExportLayer):
-        return b.layer(x, module, name)
-    if isinstance(module, TensorQuant):
-        return b.quantize(x, module.spec, name)
-    if isinstance(module, (nn.ReLU, nn.ReLU6)):
-        return b.activation(x, module, name)
-    if isinstance(module, (nn.Dropout, nn.Identity)):
-        return x
-    if isinstance(module, nn.MaxPool2d):
-        ph, pw = _pair(module.padding)
-        return b.node("MaxPool", [x], name, kernel_shape=_pair(module.kernel_size),
-                      strides=_pair(module.stride or module.kernel_size), pads=[ph, pw, ph, pw],
-                      dilations=_pair(module.dilation), ceil_mode=int(module.ceil_mode))
-    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
-        return b.node("GlobalAveragePool", [x], name)
-    raise UsageError(f"{name}: {type(module).__name__} has no ONNX export")
+    def ints(self, name: str, values: list[int]) -> str:
+        return self.const(name, np.array(values, np.int64))
 
 
-def _function_node(b: _Builder, node: fx.Node, args: list[str]) -> str:
-    if node.target in ADD or node.target == "add":
-        return b.node("Add", args[:2], node.name)
-    if node.target in RELU:
-        return b.node("Relu", args[:1], node.name)
-    if node.target is F.relu6:
-        return b.clip(args[0], 0.0, 6.0, node.name)
-    dims = flatten_dims(node)
-    if dims is not None and dims[1] == -1:
-        return b.node("Flatten", args[:1], node.name, axis=dims[0])
-    raise UsageError(f"{node.name}: {node.target} has no ONNX export")
+def _pair(v: int | tuple[int, ...], n: int = 2) -> list[int]:
+    return list(v) if isinstance(v, tuple) else [v] * n
+
+
+POOLS = {nn.MaxPool1d: ("MaxPool", 1), nn.MaxPool2d: ("MaxPool", 2), nn.AvgPool1d: ("AveragePool", 1),
+         nn.AvgPool2d: ("AveragePool", 2)}
+POOL_FUNCTIONS = {F.max_pool1d: ("MaxPool", 1), F.max_pool2d: ("MaxPool", 2), F.avg_pool1d: ("AveragePool", 1),
+                  F.avg_pool2d: ("AveragePool", 2)}
+IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, StochasticDepth)
+ACTIVATION_FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6,
+                        torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, torch.tanh: nn.Tanh,
+                        F.tanh: nn.Tanh, "tanh": nn.Tanh, F.silu: nn.SiLU, F.hardswish: nn.Hardswish,
+                        F.hardsigmoid: nn.Hardsigmoid, F.gelu: nn.GELU}
+BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", "add": "Add", operator.mul: "Mul",
+          torch.mul: "Mul", operator.imul: "Mul", "mul": "Mul", operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub",
+          operator.truediv: "Div", torch.div: "Div", "div": "Div", operator.matmul: "MatMul", torch.matmul: "MatMul",
+          "matmul": "MatMul", torch.bmm: "MatMul", "bmm": "MatMul"}
+RESHAPES = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten", "squeeze",
+            "unsqueeze", "unflatten"}
+
+
+class _Emitter:
+    """Walks the fx graph of a pruned model (with shapes from one batch-2 forward) and emits ONNX nodes."""
+
+    def __init__(self, b: _Builder, model: nn.Module, graph: fx.Graph) -> None:
+        self.b, self.model, self.graph = b, model, graph
+        self.values: dict[fx.Node, Any] = {}
+
+    def value(self, a: Any, name: str) -> str:
+        """The ONNX name of an fx argument: a node's value, or a float constant."""
+        if isinstance(a, fx.Node) and a in self.values:
+            return self.values[a]
+        if isinstance(a, fx.Node):  # a Python number computed from shapes
+            a = a.meta["constant"]
+        return self.b.const(f"{name}.const", np.array(a, np.float32))
+
+    def shape(self, node: fx.Node) -> list[int]:
+        return list(node.meta["tensor_meta"].shape)
+
+    def rank(self, node: fx.Node) -> int:
+        return len(self.shape(node))
+
+    def module(self, node: fx.Node) -> Any:
+        m, x, name = self.model.get_submodule(node.target), self.values[node.args[0]], node.target
+        b = self.b
+        if isinstance(m, ExportLayer):
+            return b.layer(x, m, name, self.rank(node.args[0]))
+        if isinstance(m, TensorQuant):
+            return b.quantize(x, m.spec, name)
+        if isinstance(m, IDENTITY):
+            return x
+        if isinstance(m, tuple(POOLS)):
+            op, dims = POOLS[type(m)]
+            return self.pool(op, x, name, dims, m.kernel_size, m.stride, m.padding, getattr(m, "dilation", 1),
+                             m.ceil_mode)
+        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            return self.adaptive_pool(node, x, name)
+        if isinstance(m, nn.LayerNorm):
+            scale = b.const(f"{name}.weight", m.weight.detach().numpy().astype(np.float32))
+            bias = b.const(f"{name}.bias", m.bias.detach().numpy().astype(np.float32))
+            return b.node("LayerNormalization", [x, scale, bias], name, axis=-len(m.normalized_shape),
+                          epsilon=m.eps)
+        if isinstance(m, nn.Flatten):
+            return self.reshape(node, x)
+        try:
+            return b.activation(x, m, name)
+        except UsageError:
+            raise UsageError(f"{name}: {type(m).__name__} has no ONNX export") from None
+
+    def pool(self, op: str, x: str, name: str, dims: int, kernel, stride, padding, dilation, ceil_mode) -> str:
+        pads = _pair(padding, dims)
+        attrs = {"kernel_shape": _pair(kernel, dims), "strides": _pair(stride or kernel, dims), "pads": pads * 2,
+                 "ceil_mode": int(ceil_mode)}
+        if op == "MaxPool":
+            attrs["dilations"] = _pair(dilation, dims)
+        return self.b.node(op, [x], name, **attrs)
+
+    def adaptive_pool(self, node: fx.Node, x: str, name: str) -> str:
+        """Adaptive average pooling at the traced sizes: global, an even AveragePool, or nearest upsampling where
+        each output bin covers one input element."""
+        size_in, size_out = self.shape(node.args[0])[2:], self.shape(node)[2:]
+        if all(o == 1 for o in size_out):
+            return self.b.node("GlobalAveragePool", [x], name)
+        if all(i % o == 0 for i, o in zip(size_in, size_out, strict=True)):
+            k = [i // o for i, o in zip(size_in, size_out, strict=True)]
+            return self.b.node("AveragePool", [x], name, kernel_shape=k, strides=k)
+        if all(o % i == 0 for i, o in zip(size_in, size_out, strict=True)):
+            scales = self.b.const(f"{name}.scales", np.array([1, 1, *(o / i for i, o in zip(size_in, size_out,
+                                                                                        strict=True))], np.float32))
+            return self.b.node("Resize", [x, "", scales], name, mode="nearest")
+        raise UsageError(f"{name}: adaptive pooling from {size_in} to {size_out} has no ONNX export; export at an "
+                         "input size whose feature maps divide evenly")
+
+    def reshape(self, node: fx.Node, x: str) -> str:
+        """A reshape to the traced output shape; a leading batch dimension stays dynamic (0 copies it)."""
+        out, source = self.shape(node), self.shape(node.args[0])
+        target = [0 if i == 0 and out[0] == source[0] else d for i, d in enumerate(out)]
+        return self.b.node("Reshape", [x, self.b.ints(f"{node.name}.shape", target)], node.name)
+
+    def function(self, node: fx.Node) -> Any:
+        b, target, name = self.b, node.target, node.name
+        args = node.args
+        if target in BINARY:
+            return b.node(BINARY[target], [self.value(args[0], name), self.value(args[1], name)], name)
+        if target in ACTIVATION_FUNCTIONS:
+            return b.activation(self.values[args[0]], ACTIVATION_FUNCTIONS[target](), name)
+        x = self.values.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+        if target in RESHAPES:
+            return self.reshape(node, x)
+        if target in POOL_FUNCTIONS:
+            op, dims = POOL_FUNCTIONS[target]
+            kernel = args[1] if len(args) > 1 else node.kwargs["kernel_size"]
+            stride = args[2] if len(args) > 2 else node.kwargs.get("stride")
+            padding = args[3] if len(args) > 3 else node.kwargs.get("padding", 0)
+            return self.pool(op, x, name, dims, kernel, stride, padding, node.kwargs.get("dilation", 1),
+                             node.kwargs.get("ceil_mode", False))
+        if target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+            return self.adaptive_pool(node, x, name)
+        if target in ("contiguous",) or target in (F.dropout,):
+            return x
+        if target in ("transpose", torch.transpose, "permute", torch.permute, "t"):
+            rank = self.rank(args[0])
+            if target in ("permute", torch.permute):
+                dims = args[1] if isinstance(args[1], (list, tuple)) else args[1:]
+                perm = [d % rank for d in dims]
+            elif target == "t":
+                perm = [1, 0]
+            else:
+                perm = list(range(rank))
+                i, j = args[1] % rank, args[2] % rank
+                perm[i], perm[j] = perm[j], perm[i]
+            return b.node("Transpose", [x], name, perm=perm)
+        if target in ("mean", torch.mean):
+            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            keep = int(node.kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            return b.node("ReduceMean", [x, b.ints(f"{name}.axes", dims)], name, keepdims=keep)
+        if target in (torch.softmax, F.softmax, "softmax"):
+            dim = args[1] if len(args) > 1 else node.kwargs["dim"]
+            return b.node("Softmax", [x], name, axis=dim)
+        if target in (torch.cat, torch.concat):
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return b.node("Concat", [self.values[a] for a in args[0]], name, axis=dim)
+        if target in ("chunk", torch.chunk, "split", torch.split):
+            return self.split(node)
+        if target is operator.getitem and isinstance(self.values.get(args[0]), list):
+            return self.values[args[0]][args[1]]
+        if target is operator.getitem and isinstance(args[1], int):  # x[i]: along the first dimension
+            return b.node("Gather", [x, b.const(f"{name}.index", np.array(args[1], np.int64))], name, axis=0)
+        raise UsageError(f"{name}: {getattr(target, '__name__', target)} has no ONNX export")
+
+    def split(self, node: fx.Node) -> list[str]:
+        args, dim = node.args, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        size = self.shape(args[0])[dim]
+        if node.target in ("chunk", torch.chunk):
+            step = -(-size // args[1])
+            sizes = [min(step, size - i) for i in range(0, size, step)]
+        else:
+            sizes = list(args[1]) if isinstance(args[1], (list, tuple)) else \
+                [min(args[1], size - i) for i in range(0, size, args[1])]
+        outs = [self.b.fresh(f"{node.name}_{i}") for i in range(len(sizes))]
+        self.b.nodes.append(self.b.onnx.helper.make_node(
+            "Split", [self.values[args[0]], self.b.ints(f"{node.name}.sizes", sizes)], outs, name=node.name,
+            axis=dim))
+        return outs
+
+
+class _ShapesAndConstants(ShapeProp):
+    """Shape propagation that also records the Python numbers the graph computes (from shapes)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, (int, float)):
+            n.meta["constant"] = result
+        return result
 
 
 def to_onnx(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int, name: str) -> Any:
     """An ONNX ModelProto of a pruned model (``ExportLayer``/``TensorQuant`` leaves), dynamic batch size."""
     onnx = _onnx()
     b = _Builder()
-    values: dict[fx.Node, str] = {}
+    gm = fx.GraphModule(model, trace(model))
+    with torch.no_grad():
+        _ShapesAndConstants(gm).propagate(torch.zeros(2, *input_shape[1:]))
+    emit = _Emitter(b, model, gm.graph)
     output = None
-    for node in trace(model).nodes:
-        args = [values[a] for a in node.args if isinstance(a, fx.Node) and a in values]
+    for node in gm.graph.nodes:
         if node.op == "placeholder":
-            values[node] = b.fresh("input")
+            emit.values[node] = b.fresh("input")
+        elif node.op == "get_attr":
+            value = functools.reduce(getattr, node.target.split("."), gm)
+            emit.values[node] = b.const(node.target, value.detach().numpy().astype(np.float32))
+        elif not isinstance(node.meta.get("tensor_meta"), (TensorMetadata, list, tuple)) and node.op != "output":
+            continue  # sizes and other Python values: reshapes use the traced shapes
         elif node.op == "call_module":
-            values[node] = _module_node(b, args[0], model.get_submodule(node.target), node.target)
+            emit.values[node] = emit.module(node)
         elif node.op in ("call_function", "call_method"):
-            values[node] = _function_node(b, node, args)
+            emit.values[node] = emit.function(node)
         elif node.op == "output":
-            output = b.node("Identity", args[:1], "logits")
+            output = b.node("Identity", [emit.values[node.args[0]]], "logits")
     T = onnx.TensorProto
     graph = onnx.helper.make_graph(
         b.nodes, name, [onnx.helper.make_tensor_value_info("input", T.FLOAT, ["batch", *input_shape[1:]])],

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint_io
-from ..errors import CheckpointError
-from .loader import Loaded, model_from_options
+from .loader import Loaded, read_export
 from .pruned import ExportPlan, LayerSpec, assemble, export_plan, spec_from_entry
 from .quant import QuantSpec, TensorQuant
 
@@ -106,13 +105,9 @@ def export_packed(loaded: Loaded, out: str | Path) -> str:
             f"codes); float checkpoint weights {fp32:,} bytes")
 
 
-def load_packed(path: str | Path) -> torch.nn.Module:
-    """Rebuild the pruned eval model from a packed file (read with ``weights_only=True``, digest checked); a
-    missing, damaged or foreign file is a ``CheckpointError``."""
-    data = checkpoint_io.load(path, "packed file", "a file written by bayesian-bits export --format packed")
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise CheckpointError(f"packed file {path}: not a {FORMAT} file of version {VERSION}")
-    skeleton = model_from_options(data["options"], f"packed file {path}")
+def load_packed(path: str | Path, skeleton: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Rebuild the pruned eval model from a packed file (see ``loader.read_export`` for ``skeleton`` and errors)."""
+    data, skeleton = read_export(path, "packed", FORMAT, VERSION, skeleton)
     plan = ExportPlan([], {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
     for layer in data["layers"]:
         wq = spec_from_entry(layer["weight_quant"])

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import bn_fold, checkpoint_io
-from ..errors import CheckpointError, UsageError
+from ..errors import UsageError
 from ..layers import QuantLayer
 from .graph import QUANTIZERS, Region, regions
 from .layer import ExportLayer, plain_op
-from .loader import Loaded, model_from_options
+from .loader import Loaded, read_export
 from .quant import QuantSpec, TensorQuant, spec_of
 
 FORMAT = "bayesian-bits-pruned"
@@ -89,16 +89,21 @@ def _carry(layer: QuantLayer, x: Tensor, weight: Tensor, bias: Tensor, feeding: 
     """Drop the input channels ``feeding`` removes from a dense layer fed by ``x`` (batch 1): returns the narrowed
     weight and the bias, or a zero bias and a bias map, that add what the removed channels contribute."""
     channels, kept_in = feeding.channels, feeding.kept
-    removed = x.reshape(1, channels, -1).clone()
-    removed[:, kept_in] = 0  # what remains: the input-independent values of removed channels
+    per_position = isinstance(layer, nn.Linear) and x.dim() > 2  # a sequence: features in the last dimension
+    if per_position:
+        removed = x.clone()
+        removed[..., kept_in] = 0
+    else:
+        removed = x.reshape(1, channels, -1).clone()
+        removed[:, kept_in] = 0  # what remains: the input-independent values of removed channels
     constant = layer._op(removed.reshape(x.shape), weight, None)[0]
-    flat = constant.reshape(constant.shape[0], -1)
+    flat = constant.reshape(-1, constant.shape[-1]).T if per_position else constant.reshape(constant.shape[0], -1)
     per_channel = weight.reshape(weight.shape[0], channels, -1)[:, kept_in]
     weight = per_channel.reshape(weight.shape[0], -1, *weight.shape[2:])
     if bool((flat == flat[:, :1]).all()):
         return weight, bias + flat[:, 0], None
-    return weight, torch.zeros_like(bias), constant + bias.reshape(-1, *(1,) * (constant.dim() - 1))
-
+    bias_shape = (-1,) if per_position else (-1, *(1,) * (constant.dim() - 1))
+    return weight, torch.zeros_like(bias), constant + bias.reshape(bias_shape)
 
 @torch.no_grad()
 def export_plan(loaded: Loaded) -> ExportPlan:
@@ -172,13 +177,10 @@ def export_pruned(loaded: Loaded, out: str | Path) -> str:
            f"(unpruned eval model {layer_parameters(loaded.model):,})"
 
 
-def load_pruned(path: str | Path) -> nn.Module:
-    """The pruned eval model of a file ``export_pruned`` wrote (read with ``weights_only=True``, digest checked);
-    a missing, damaged or foreign file is a ``CheckpointError``."""
-    data = checkpoint_io.load(path, "pruned file", "a file written by bayesian-bits export --format pruned")
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise CheckpointError(f"pruned file {path}: not a {FORMAT} file of version {VERSION}")
-    skeleton = model_from_options(data["options"], f"pruned file {path}")
+def load_pruned(path: str | Path, skeleton: nn.Module | None = None) -> nn.Module:
+    """The pruned eval model of a file ``export_pruned`` wrote (see ``loader.read_export`` for ``skeleton`` and
+    errors)."""
+    data, skeleton = read_export(path, "pruned", FORMAT, VERSION, skeleton)
     plan = ExportPlan([LayerSpec(e["name"], e["weight"], e["bias"], e["bias_map"], spec_from_entry(e["weight_quant"]),
                                  spec_from_entry(e["act_quant"]), e["kept"]) for e in data["layers"]],
                       {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})

@@ -83,7 +83,7 @@ def test_malicious_pickle_runs_no_code_anywhere(run: Path, tmp_path: Path, full:
     for load in (load_eval_model, load_pruned, load_packed):
         with pytest.raises(CheckpointError, match="refused"):
             load(bad)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.export_parity", str(bad), "--data-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "evaluations.export_parity", str(bad), "--data-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{bad}: refused" in proc.stderr, proc.stderr
     assert not marker.exists()

@@ -1,7 +1,7 @@
 """Top-1 of a checkpoint's exports on its validation set: the PyTorch eval model, the pruned model, the packed
 model and the ONNX QDQ graph under onnxruntime, with their prediction agreement, logit differences and file sizes.
 
-    python -m benchmarks.export_parity CHECKPOINT --data-dir data [--out export_parity.json] [--keep DIR]
+    python -m evaluations.export_parity CHECKPOINT --data-dir data [--out export_parity.json] [--keep DIR]
 
 Writes JSON (and prints it). Real data only: the validation split of the checkpoint's experiment.
 """

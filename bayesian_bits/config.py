@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from bbkernels.ladder import GATED_BITS
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -53,9 +55,9 @@ class QuantConfig:
             )
 
     @property
-    def gamma_inits(self) -> tuple[float, float, float, float]:
+    def gamma_inits(self) -> tuple[float, ...]:
         """(gamma_4, gamma_8, gamma_16, gamma_32) initial logits."""
-        return (self.gamma_4_init, self.gamma_8_init, self.gamma_16_init, self.gamma_32_init)
+        return tuple(getattr(self, f"gamma_{bits}_init") for bits in GATED_BITS)
 
     @property
     def weight_fixed_bits(self) -> int | None:

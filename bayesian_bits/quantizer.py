@@ -9,11 +9,14 @@ import torch
 from torch import Tensor, nn
 
 import bbkernels
+from bbkernels.ladder import BITS, GATED_BITS
 
 from . import gates
 from .config import QuantConfig
 
-LEVEL_BITS = (4, 8, 16, 32)
+# The gated levels of the ladder (bbkernels/ladder.py); level `bits` has the gate logit `gamma_{bits}`, the name
+# checkpoints store it under.
+LEVEL_BITS = GATED_BITS
 FLOAT_BITS = 32  # bit width reported for float tensors (no quantizer, prune-only weights)
 
 
@@ -70,7 +73,7 @@ class BayesianBitsQuantizer(_Quantizer):
             setattr(self, f"gamma_{bits}", nn.Parameter(torch.tensor([float(init)])))
         # gamma_2 starts at 6.0, hard-coded as in the reference (§1.11).
         self.gamma_2 = nn.Parameter(torch.full((channels,), 6.0)) if channels else None
-        self.register_buffer("alive", torch.ones(4, dtype=torch.bool))  # the permanent skip ratchet
+        self.register_buffer("alive", torch.ones(len(LEVEL_BITS), dtype=torch.bool))  # the permanent skip ratchet
         self.gating_method = gating_method
         self.fixed_bits = fixed_bits
         self.prune_only = prune_only
@@ -91,7 +94,7 @@ class BayesianBitsQuantizer(_Quantizer):
     @property
     def gammas(self) -> Tensor:
         """(gamma_4, gamma_8, gamma_16, gamma_32) as one tensor."""
-        return torch.cat([self.gamma_4, self.gamma_8, self.gamma_16, self.gamma_32])
+        return torch.cat([getattr(self, f"gamma_{bits}") for bits in LEVEL_BITS])
 
     @torch.no_grad()
     def _init_range(self, x: Tensor) -> None:
@@ -150,7 +153,7 @@ class BayesianBitsQuantizer(_Quantizer):
             return FLOAT_BITS  # A2: prune-only weights are float, counted at 32 bits
         gammas = self.gammas
         on = gates.eval_gate(gammas) * (self.alive & (gammas > gates.SKIP_BELOW))
-        return 2 ** (1 + int(torch.cumprod(on, 0).sum()))
+        return BITS[int(torch.cumprod(on, 0).sum())]
 
     def expected_bits(self) -> Tensor:
         """Differentiable E[bit width] under the gate probabilities, 2 + 2·q4 + 4·q4q8 + 8·q4q8q16 + 16·q4q8q16q32
@@ -176,7 +179,7 @@ class BayesianBitsQuantizer(_Quantizer):
 
     def regularizer(self) -> Tensor:
         """R_q of §3.1: expected level costs, full bit width per level, times q2 (mean over channels) when pruning."""
-        cost = [1.0 if self.bop_weight is None else self.bop_weight * b for b in (2, *LEVEL_BITS)]
+        cost = [1.0 if self.bop_weight is None else self.bop_weight * b for b in BITS]
         reach = torch.cumprod(gates.prob_on(self.gammas), 0)  # q4, q4q8, q4q8q16, q4q8q16q32
         levels = (reach * reach.new_tensor(cost[1:])).sum()
         if self.gamma_2 is None:

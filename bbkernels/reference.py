@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SHRINK = 1 - 1e-7  # pact_clip's factor; 1 - 2**-23 once rounded to fp32 (SPEC B §1.4)
-BITS = (2, 4, 8, 16, 32)
-LEVEL_DIVISORS = (5, 17, 257, 65537)  # s_{2b} = s_b / (2^b + 1)  (SPEC B §1.5)
-LEVEL_C = (1, 5, 85, 21845, 1431655765)  # s_b = s_2 / c_b
+from .ladder import BITS as BITS  # the ladder's constants, also read from here as reference.BITS etc.
+from .ladder import LEVEL_C, LEVEL_DIVISORS, SHRINK, level_index
+
 # The x_max whose fp32 grids are finite (≈ 1.6e-27 … 1.1e37, exact in fp32): s_32 stays a normal number and
 # 2·x_max does not overflow.
 X_MAX_RANGE = (2.0**-89, 2.0**123)
@@ -37,13 +36,6 @@ class _RoundSTE(torch.autograd.Function):
 def round_ste(v: Tensor) -> Tensor:
     """Straight-through round (SPEC B §1.10)."""
     return _RoundSTE.apply(v)
-
-
-def level_index(bits: int) -> int:
-    """Position of a bit width in the 2→4→8→16→32 chain."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    return BITS.index(bits)
 
 
 def scales(x_max: Tensor, signed: bool) -> list[Tensor]:

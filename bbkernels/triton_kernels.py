@@ -24,10 +24,16 @@ from torch import Tensor
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-SHRINK = tl.constexpr(0.99999988079071044921875)  # fl32(1 − 1e−7) = 1 − 2^−23 (SPEC B §1.4)
+from . import ladder
+
+# The ladder (bbkernels/ladder.py) as compile-time constants.
+N_LEVELS = tl.constexpr(len(ladder.BITS))
+DIVISORS = tl.constexpr(tuple(float(d) for d in ladder.LEVEL_DIVISORS))  # s_{k+1} = s_k / DIVISORS[k]
+INV_C = tl.constexpr(tuple(1.0 / c for c in ladder.LEVEL_C))  # 1/c_k
+SHRINK = tl.constexpr(ladder.SHRINK_FP32)  # fl32(1 − 1e−7) = 1 − 2^−23 (SPEC B §1.4)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 NAN = tl.constexpr(float("nan"))
-N_PARTIALS = tl.constexpr(6)  # per tile: dx_max, dg4, dg8, dg16, dg32, dg2[c]
+N_PARTIALS = tl.constexpr(len(ladder.GATED_BITS) + 2)  # per tile: dx_max, dg4, dg8, dg16, dg32, dg2[c]
 FINISH_BLOCK = 1024  # elements per step of the combining kernel
 
 
@@ -83,27 +89,23 @@ def _params(x_max_ptr, gates_ptr, SIGNED: tl.constexpr, FIRST: tl.constexpr, GAT
         xmin = 0.0
         s2 = tl.math.div_rn(x_max, 3.0)
     span = xm - xmin
-    s4 = tl.math.div_rn(s2, 5.0)
-    s8 = tl.math.div_rn(s4, 17.0)
-    s16 = tl.math.div_rn(s8, 257.0)
-    s32 = tl.math.div_rn(s16, 65537.0)
-    chain = (s2, s4, s8, s16, s32)
+    chain = (s2,)
+    for k in tl.static_range(N_LEVELS - 1):
+        chain = _join(chain, (tl.math.div_rn(chain[k], DIVISORS[k]),))
     if GATED:
-        g4 = tl.load(gates_ptr)
-        g8 = tl.load(gates_ptr + 1)
-        g16 = tl.load(gates_ptr + 2)
-        g32 = tl.load(gates_ptr + 3)
-        a4 = g4 > 0.0
-        a8 = a4 & (g8 > 0.0)
-        a16 = a8 & (g16 > 0.0)
-        a32 = a16 & (g32 > 0.0)
-        levels = 1 + a4.to(tl.int32) + a8.to(tl.int32) + a16.to(tl.int32) + a32.to(tl.int32)
         # the gate of the level above the last active one, and all above it, are 0 (SPEC B §10.4)
-        gates = (tl.where(a4, g4, 0.0), tl.where(a8, g8, 0.0), tl.where(a16, g16, 0.0), tl.where(a32, g32, 0.0))
+        active = tl.full((), 1, tl.int1)
+        levels = 1
+        gates = ()
+        for k in tl.static_range(N_LEVELS - 1):
+            g = tl.load(gates_ptr + k)
+            active = active & (g > 0.0)
+            levels = levels + active.to(tl.int32)
+            gates = _join(gates, (tl.where(active, g, 0.0),))
         return xm, xmin, span, chain, gates, levels
     else:
-        zero = tl.full((), 0.0, tl.float32)
-        return xm, xmin, span, (chain[FIRST], zero, zero, zero, zero), (zero, zero, zero, zero), 1
+        zeros = _repeat(tl.full((), 0.0, tl.float32), N_LEVELS - 1)
+        return xm, xmin, span, _join((chain[FIRST],), zeros), zeros, 1
 
 
 @triton.jit
@@ -115,25 +117,42 @@ def _quantize(x, xm, xmin, span, s, gates, levels, INTERPRET: tl.constexpr):
     xc = (-_relu(span - _relu(x - xmin))) + xm
     zero = tl.zeros_like(xc)
     x2, e2 = _level(xc, s[0], INTERPRET)
-    x4, e4, x8, e8, x16, e16, x32, e32 = zero, zero, zero, zero, zero, zero, zero, zero
-    if levels > 1:
-        rho = xc - x2
-        x4, e4 = _level(rho, s[1], INTERPRET)
-        if levels > 2:
-            rho = rho - x4
-            x8, e8 = _level(rho, s[2], INTERPRET)
-            if levels > 3:
-                rho = rho - x8
-                x16, e16 = _level(rho, s[3], INTERPRET)
-                if levels > 4:
-                    rho = rho - x16
-                    x32, e32 = _level(rho, s[4], INTERPRET)
-    u32 = x32
-    u16 = tl.where(levels > 4, x16 + gates[3] * u32, x16)
-    u8 = tl.where(levels > 3, x8 + gates[2] * u16, x8)
-    u4 = tl.where(levels > 2, x4 + gates[1] * u8, x4)
-    z = tl.where(levels > 1, x2 + gates[0] * u4, x2)
-    return (z, u4, u8, u16, u32), (e2, e4, e8, e16, e32)
+    xs, es = (x2,), (e2,)
+    rho = xc
+    for k in tl.static_range(1, N_LEVELS):
+        xk, ek = zero, zero
+        if levels > k:  # levels is non-increasing in k: the first false test ends the chain
+            rho = rho - xs[k - 1]
+            xk, ek = _level(rho, s[k], INTERPRET)
+        xs, es = _join(xs, (xk,)), _join(es, (ek,))
+    us = (xs[N_LEVELS - 1],)
+    for k in tl.static_range(N_LEVELS - 2, -1, -1):  # the tail sums from the top: u_k = x_k + g_{k+1}·u_{k+1}
+        us = _join((tl.where(levels > k + 1, xs[k] + gates[k] * us[0], xs[k]),), us)
+    return us, es
+
+
+@triton.jit
+def _repeat(v, N: tl.constexpr):
+    """The tuple (v, …, v) of N elements."""
+    out = ()
+    for _ in tl.static_range(N):
+        out = _join(out, (v,))
+    return out
+
+
+@triton.jit
+def _join(a, b):
+    """The tuple a followed by b (the Triton frontend has no starred tuples)."""
+    return a + b
+
+
+@triton.jit
+def _accumulate(acc, g, v, OFFSET: tl.constexpr):
+    """acc[k] + g·v[k + OFFSET] for every k of the tuple acc."""
+    out = ()
+    for k in tl.static_range(len(acc)):
+        out = _join(out, (acc[k] + g * v[k + OFFSET],))
+    return out
 
 
 @triton.jit
@@ -187,8 +206,7 @@ def _backward_kernel(
     g2 = _channel_gate(g2_ptr, channel, HAS_G2)
     acc_clip = tl.zeros([BLOCK], tl.float32)
     acc_z = tl.zeros([BLOCK], tl.float32)
-    acc_e = (acc_z, acc_z, acc_z, acc_z, acc_z)
-    acc_u = (acc_z, acc_z, acc_z, acc_z)
+    acc_e, acc_u = _repeat(acc_z, N_LEVELS), _repeat(acc_z, N_LEVELS - 1)
     for it in range(ITERS):
         offs = it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < extent
@@ -203,29 +221,27 @@ def _backward_kernel(
             clipsign = clipsign - tl.where(x <= xmin, 1.0, 0.0)
         acc_clip += g * clipsign
         acc_z += g * u[0]
-        acc_e = (acc_e[0] + g * e[0], acc_e[1] + g * e[1], acc_e[2] + g * e[2], acc_e[3] + g * e[3],
-                 acc_e[4] + g * e[4])  # fmt: skip
-        acc_u = (acc_u[0] + g * u[1], acc_u[1] + g * u[2], acc_u[2] + g * u[3], acc_u[3] + g * u[4])
+        acc_e = _accumulate(acc_e, g, e, 0)
+        acc_u = _accumulate(acc_u, g, u, 1)  # u4 … u32
 
     # Tile sums (fp64 over per-lane fp32 sums) times channel coefficients: G_k = g2·g4·…, κ/c_k·(G_k − G_{k+1}).
     kappa = 2.0 / 3.0 if SIGNED else 1.0 / 3.0
-    inv_c = (1.0, 1.0 / 5.0, 1.0 / 85.0, 1.0 / 21845.0, 1.0 / 1431655765.0)
     G = g2.to(tl.float64)
     dxm = G * SHRINK * _sum64(acc_clip)
     row = part_ptr + tl.program_id(0).to(tl.int64) * N_PARTIALS
-    for k in tl.static_range(5):
-        if k < 4:
+    for k in tl.static_range(N_LEVELS):
+        if k < N_LEVELS - 1:
             G_next = G * gates[k].to(tl.float64)
         else:
             G_next = G * 0.0
         if GATED or k == 0:
-            coeff = (kappa * inv_c[k + FIRST]) * (G - G_next)
+            coeff = (kappa * INV_C[k + FIRST]) * (G - G_next)
             dxm += tl.where(k < levels, coeff * _sum64(acc_e[k]), 0.0)
-        if k < 4:
+        if k < N_LEVELS - 1:
             tl.store(row + 1 + k, tl.where(k + 1 < levels, G * _sum64(acc_u[k]), 0.0))
         G = G_next
     tl.store(row, dxm)
-    tl.store(row + 5, _sum64(acc_z))
+    tl.store(row + N_PARTIALS - 1, _sum64(acc_z))
 
 
 @triton.jit
@@ -291,7 +307,7 @@ def layout(numel: int, channels: int) -> tuple[int, int, int, int, int]:
 def _launch_args(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int):
     channels = 1 if g2 is None else g2.numel()
     inner, block, iters, tiles_per_channel, warps = layout(x.numel(), channels)
-    first = 0 if bits == 0 else (2, 4, 8, 16, 32).index(bits)
+    first = 0 if bits == 0 else ladder.level_index(bits)
     pointers = (x_max, x_max if gates is None else gates, x_max if g2 is None else g2)
     meta = dict(
         SIGNED=signed, FIRST=first, GATED=bits == 0, HAS_G2=g2 is not None, BLOCK=block, ITERS=iters,
@@ -318,7 +334,7 @@ def backward(
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x)
     part = torch.empty(tiles, N_PARTIALS.value, dtype=torch.float64, device=x.device)
-    dxm, dgates, dg2 = torch.empty(1, **f32), torch.empty(4, **f32), torch.empty(channels, **f32)
+    dxm, dgates, dg2 = torch.empty(1, **f32), torch.empty(len(ladder.GATED_BITS), **f32), torch.empty(channels, **f32)
     tb = min(_pow2_at_least(tiles_per_channel), FINISH_BLOCK)
     cb = min(FINISH_BLOCK // tb, _pow2_at_least(channels))
     with _on(x.device):

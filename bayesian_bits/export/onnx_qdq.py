@@ -26,7 +26,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth
 
-from bbkernels.reference import SHRINK
+from bbkernels.ladder import SHRINK
 
 from .. import checkpoint_io
 from ..errors import UsageError

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bbkernels.ladder import BITS
+
 from .. import checkpoint_io
 from .loader import Loaded, read_export
 from .pruned import ExportPlan, LayerSpec, assemble, export_plan, spec_from_entry
@@ -26,7 +28,7 @@ from .quant import QuantSpec, TensorQuant
 
 FORMAT = "bayesian-bits-packed"
 VERSION = 3
-PACKED_BITS = (2, 4, 8, 16)
+PACKED_BITS = BITS[:-1]  # every level below 32 bits; 32-bit weights stay fp32
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:

@@ -7,6 +7,8 @@ import math
 import sys
 from typing import Any
 
+from bbkernels.ladder import GATED_BITS
+
 from ..experiments import EXPERIMENTS, MODELS
 from .errors import UsageError
 from .optim import OPTIMIZERS
@@ -86,7 +88,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the BOP budget in GBOPs instead of --target-rel-bops")
     bb.add_argument("--gating-method", default="l0", choices=["l0", "fixed"],
                     help="training gates: l0 = stochastic hard-concrete (default), fixed = hard sigmoid")
-    for bits in (4, 8, 16, 32):
+    for bits in GATED_BITS:
         bb.add_argument(f"--gamma-{bits}-init", type=float, default=6.0,
                         help=f"initial logit of the {bits}-bit gates (default 6)")
     bb.add_argument("--reg-type", default="const", choices=["const", "bop"],

@@ -11,6 +11,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from bbkernels.ladder import BITS
+
 from ..checkpoint_io import write_atomic
 
 BITS_PNG = "bits_per_layer.png"
@@ -28,8 +30,8 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     ax.bar([x - width / 2 for x in xs], [row.get("weight_bits") or 0 for row in layers], width, label="weight bits")
     ax.bar([x + width / 2 for x in xs], [row.get("act_bits") or 0 for row in layers], width, label="activation bits")
     ax.set_yscale("log", base=2)
-    ax.set_yticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])
-    ax.set_ylim(1.5, 48)
+    ax.set_yticks(list(BITS), [str(b) for b in BITS])
+    ax.set_ylim(0.75 * BITS[0], 1.5 * BITS[-1])
     ax.set_ylabel("bits")
     ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
     kept = ax.twinx()

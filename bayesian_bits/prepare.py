@@ -25,6 +25,7 @@ import copy
 import fnmatch
 import math
 import operator
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -35,6 +36,8 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import StochasticDepth
+
+from bbkernels import ladder
 
 from .config import QuantConfig
 from .dataflow import ATTRIBUTE, FLOAT_INPUT_BITS, INPUT_BITS, Dataflow, Region, Slice, Term
@@ -97,7 +100,7 @@ class Settings:
     gamma_inits: tuple[float, float, float, float] = (6.0, 6.0, 6.0, 6.0)
 
 
-FIXED_BITS = (2, 4, 8, 16, 32)
+FIXED_BITS = ladder.BITS
 
 
 def _settings(config: QuantConfig, name: str, overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
@@ -266,6 +269,7 @@ class _Converter:
 
     # -- checks -----------------------------------------------------------------------------------------------
     def check_modules(self) -> None:
+        calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
         for node in self.graph.nodes:
             m = _module_of(self.gm, node)
             if m is None or _matches(node.target, self.skip):
@@ -277,8 +281,7 @@ class _Converter:
                 raise ValueError(f"module {node.target} ({type(m).__name__}) is a traced leaf that holds conv/linear "
                                  f"layers, which would stay unquantized; trace into it (drop it from leaf_modules) "
                                  f"or leave it float with skip=[{node.target!r}]")
-            if isinstance(m, LAYER_TYPES) and sum(n.target == node.target for n in self.graph.nodes
-                                                  if n.op == "call_module") > 1:
+            if isinstance(m, LAYER_TYPES) and calls[node.target] > 1:
                 raise ValueError(f"layer {node.target} is called more than once (shared weights); Bayesian Bits "
                                  f"quantizes each layer once: leave it float with skip=[{node.target!r}]")
             if isinstance(m, LAYER_TYPES) and type(m) not in QUANT_LAYERS:

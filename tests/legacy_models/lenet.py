@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bayesian_bits.config import QuantConfig
+
 from .common import Topology, check_input, conv, linear, sequential_topology
 
 

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from bayesian_bits.config import QuantConfig
 from bayesian_bits.quantizer import activation_quantizer
+
 from .common import Group, Topology, check_input, conv, linear
 
 # (expansion t, output channels c, repeats n, first stride s)

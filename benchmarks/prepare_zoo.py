@@ -1,0 +1,66 @@
+"""`prepare` on the zoo of tests/zoo.py: quantizers, pruned weights, MACs (ours vs torch's FlopCounterMode),
+relative BOPs at init, prepare time, and onnxruntime's agreement with PyTorch on the exported graph.
+
+    python -m benchmarks.prepare_zoo --csv bench_out/prepare_zoo.csv [--models resnet50 mlp ...]
+
+Gates as the zoo export test sets them (a third of the quantizers at 4 bits, the others at 8, about 16 % of the
+channels pruned); untrained weights, so the figures describe the conversion and export, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+import bayesian_bits as bb
+from bayesian_bits.export import export_model, run_onnxruntime
+from tests import zoo
+from tests.test_prepare import ZOO_CONFIG, flop_counter_macs, randomize_gates
+
+from .harness import measure, write_csv
+
+
+def row(name: str, repeats: int) -> dict:
+    build, side = zoo.ZOO[name]
+    torch.manual_seed(0)
+    float_model = build()
+    x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    timing = measure(lambda: bb.prepare(float_model, x, ZOO_CONFIG), warmup=1, reps=repeats)
+    model = bb.prepare(float_model, x, ZOO_CONFIG)
+    bb.calibrate(model, x)
+    report = bb.bop_report(model)
+    quantizers = bb.quantizers(model)
+    randomize_gates(model)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, "onnx", Path(tmp) / "m.onnx")
+        got = run_onnxruntime(str(Path(tmp) / "m.onnx"), x)
+    return {
+        "model": name, "input": f"3x{side}x{side}", "quantizers": len(quantizers),
+        "pruned_weights": sum(q.gamma_2 is not None for _, q in quantizers),
+        "macs": report["total_macs"], "macs_flop_counter": flop_counter_macs(float_model, x[:1]),
+        "relative_bops_init_pct": round(report["relative_bops"], 3),
+        "prepare_ms_median": round(timing.median, 1),
+        "onnx_max_diff_rel": float((got - ref).abs().max() / ref.abs().max()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(zoo.ZOO), choices=list(zoo.ZOO))
+    parser.add_argument("--repeats", type=int, default=3, help="prepare calls timed per model (median)")
+    parser.add_argument("--csv", type=Path, default=Path("bench_out/prepare_zoo.csv"))
+    args = parser.parse_args()
+    rows = [row(name, args.repeats) for name in args.models]
+    for r in rows:
+        print(" | ".join(f"{v}" for v in r.values()))
+    write_csv(args.csv, rows, "cpu")
+
+
+if __name__ == "__main__":
+    main()

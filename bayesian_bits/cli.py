@@ -9,6 +9,7 @@ message; a diverged run (NaN or infinite loss or weights) with status 1; Ctrl-C 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     train = commands.add_parser(
         "train",
-        help="train (and fine-tune) a quantized model on mnist, cifar10 or imagenet",
+        help="train (and fine-tune) a quantized model: the paper's, a torchvision model or your own, on mnist, "
+        "fashion-mnist, cifar10, imagenet or your images (imagefolder)",
         description="Train a Bayesian Bits model. Accepts the reference implementation's flags under the same "
         "names, defaults and meanings, so its README commands run with only the program name changed. "
         "Multi-GPU: launch with torchrun --nproc_per_node N -m bayesian_bits.train ...",
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         help="export a trained checkpoint for deployment (manifest, pruned, packed or onnx)",
-        description="Export a checkpoint written by bayesian-bits train (any of the four models). manifest: JSON of "
+        description="Export a checkpoint written by bayesian-bits train (the model is rebuilt from the options stored "
+        "in it; a package.module:callable model must be importable from the working directory). manifest: JSON of "
         "bit widths, scales, kept channels and BOPs. pruned: float eval model with pruned channels removed "
         "(tensors and plain data, rebuilt by bayesian_bits.export.load_pruned). packed: integer weights at their "
         "learned bit widths, pruned channels dropped. onnx: "
@@ -91,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if os.getcwd() not in sys.path:  # --model package.module:callable imports from the working directory
+        sys.path.insert(0, os.getcwd())
     try:
         if args.command == "export":
             from .export import export  # heavy imports only once the command line is valid

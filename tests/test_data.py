@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from bayesian_bits import data, mnist_files
 from bayesian_bits.errors import DataError
@@ -131,3 +132,48 @@ def test_training_order_depends_only_on_seed_and_epoch() -> None:
         return list(loader.sampler)
 
     assert order(1) == order(1) and order(1) != order(2)
+
+
+SHARED_FASHION = SHARED_MNIST.parents[1] / "FashionMNIST" / "raw"
+
+
+@pytest.mark.skipif(not SHARED_FASHION.is_dir(), reason=f"real Fashion-MNIST files not at {SHARED_FASHION}")
+def test_fashion_mnist_from_gz_files_is_verified_and_loaded(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in SHARED_FASHION.glob("*.gz"):
+        shutil.copy(gz, raw / gz.name)
+    loaded = data.load_data(EXPERIMENTS["fashion-mnist"], tmp_path)
+    assert len(loaded.train) == 60_000 and len(loaded.val) == 10_000
+    assert loaded.train[0][0].shape == (1, 28, 28) and loaded.train[0][1] == 9  # the first item is an ankle boot
+    assert loaded.info["mac_shape"] == [1, 1, 28, 28] and loaded.info["num_classes"] == 10
+    with open(raw / "t10k-labels-idx1-ubyte", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\xff")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte is damaged"):
+        data.load_data(EXPERIMENTS["fashion-mnist"], tmp_path)
+
+
+def _write_folder(root: Path, classes: dict[str, int], mode: str) -> None:
+    for split in ("train", "val"):
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                Image.new(mode, (20, 12), color=(40 * k) if mode == "L" else (40 * k, 10, 200)).save(
+                    root / split / name / f"{k}.png")
+
+
+def test_image_folder_shape_classes_and_normalisation(tmp_path: Path) -> None:
+    _write_folder(tmp_path, {"a": 3, "b": 2}, "RGB")
+    loaded = data.load_data(EXPERIMENTS["imagefolder"], tmp_path, image_size=16)
+    assert loaded.info["channels"] == 3 and loaded.info["classes"] == ["a", "b"]
+    assert loaded.info["mac_shape"] == [1, 3, 16, 16] and loaded.val[0][0].shape == (3, 16, 16)
+    stacked = torch.stack([loaded.val[i][0] for i in range(len(loaded.val))])  # val = train here
+    assert stacked.mean((0, 2, 3)).abs().max() < 1e-4  # normalised with the stats of the training images
+    gray = data.load_data(EXPERIMENTS["imagefolder"], tmp_path, image_size=16, channels=1, norm=([0.5], [0.25]))
+    assert gray.val[0][0].shape == (1, 16, 16) and gray.info["mean"] == [0.5]
+    with pytest.raises(DataError, match=r"--num-classes 3: .* has 2 class folders"):
+        data.load_data(EXPERIMENTS["imagefolder"], tmp_path, image_size=16, num_classes=3)
+    shutil.rmtree(tmp_path / "val" / "b")
+    with pytest.raises(DataError, match="different class folders"):
+        data.load_data(EXPERIMENTS["imagefolder"], tmp_path, image_size=16)

@@ -100,3 +100,27 @@ ZOO = {
     "mlp": (MLP, 16),
     "transformer": (TinyTransformer, 16),
 }
+
+
+def small_cnn_for(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Factory taking the CLI's keywords (`--model tests.zoo:small_cnn_for`): a 1x1 conv from ``in_channels`` to
+    SmallCNN's three input channels, then SmallCNN with ``num_classes`` outputs."""
+    return nn.Sequential(nn.Conv2d(in_channels, 3, 1), SmallCNN(num_classes))
+
+
+def zoo_float_model(name: str) -> tuple[nn.Module, Tensor]:
+    """Zoo model `name` (seeded init) and a batch of 4 inputs; its BN running statistics are those of that batch,
+    so eval outputs have the scale a trained model's have (torchvision's untrained MobileNetV3 gives logits of about
+    1e-10 with the default statistics)."""
+    build, side = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval(), x

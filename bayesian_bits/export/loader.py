@@ -12,7 +12,7 @@ from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
 from ..dataflow import dataflow, unwrap
 from ..errors import CheckpointError, UsageError
-from ..experiments import get_experiment, quant_config
+from ..experiments import get_experiment, input_shape, num_classes, parse_overrides, quant_config
 from ..models import build_model
 
 
@@ -36,8 +36,13 @@ def model_from_options(options: Any, source: str) -> nn.Module:
         config = quant_config(options)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: its quantization options are incomplete or invalid ({exc})") from None
-    shape = get_experiment(options["experiment"], options["model"]).input_shape(options.get("synthetic_image_size"))
-    return build_model(options["model"], config, input_shape=shape[1:])
+    get_experiment(options["experiment"], options["model"])
+    try:
+        return build_model(options["model"], config, num_classes=num_classes(options),
+                           input_shape=input_shape(options)[1:], skip=options.get("skip") or (),
+                           overrides=parse_overrides(options.get("override") or []))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: its model {options['model']!r} cannot be rebuilt ({exc})") from None
 
 
 def loaded_model(model: nn.Module) -> Loaded:
@@ -78,9 +83,9 @@ def load_eval_model(path: str | Path, flag: str = "CHECKPOINT", image_size: int 
     model = model_from_options(options, f"{flag} {path}")
     exp = get_experiment(options["experiment"], options["model"])
     load_model_state(model, ckpt, f"{flag} {path}")
-    trained = options.get("synthetic_image_size") or exp.image_size
+    mac_shape = input_shape(options)
+    trained = (options.get("dataset") or {}).get("image_size") or options.get("synthetic_image_size") or exp.image_size
     side = image_size or trained
     if not exp.any_image_size and side != trained:
         raise UsageError(f"--image-size {side}: {options['model']} takes {trained}×{trained} images only")
-    return Loaded(model.eval(), options["model"], exp.input_shape(options.get("synthetic_image_size")),
-                  (1, exp.channels, side, side), options)
+    return Loaded(model.eval(), options["model"], mac_shape, (1, mac_shape[1], side, side), options)

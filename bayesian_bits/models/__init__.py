@@ -2,13 +2,18 @@
 
 `build_model(name, config)` gives the prepared (quantized) model, `build_float_model(name)` the float model it
 is prepared from: LeNet5 and VGG7 from this package, ResNet-18 and MobileNetV2 from torchvision (ImageNet weights
-with pretrained=True, BN statistics included).
+with pretrained=True, BN statistics included). Both also take a user's model spec (`resolve_float_model`):
+``torchvision:<builder>`` or ``package.module:callable``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -19,7 +24,10 @@ from ..prepare import prepare
 from .lenet import LeNet5
 from .vgg import VGG7
 
-__all__ = ["MODELS", "VGG7", "LeNet5", "ModelSpec", "build_float_model", "build_model", "torchvision_model"]
+__all__ = ["MODELS", "VGG7", "LeNet5", "ModelSpec", "build_float_model", "build_model", "is_paper_model",
+           "resolve_float_model", "torchvision_model"]
+
+TORCHVISION_PREFIX = "torchvision:"
 
 
 @dataclass(frozen=True)
@@ -82,11 +90,114 @@ def build_float_model(name: str, *, pretrained: bool = False, num_classes: int |
     return model
 
 
+def is_paper_model(spec: str) -> bool:
+    """Whether ``spec`` names one of the four paper models (not ``torchvision:``/``module:callable``)."""
+    return spec in MODELS
+
+
+def _call_factory(factory: Callable[..., Any], num_classes: int | None, in_channels: int | None) -> Any:
+    """Call a user factory with the keywords among ``num_classes``/``in_channels`` its signature accepts."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+              if v is not None and (takes_all or k in params)}
+    return factory(**kwargs)
+
+
+def _load_pretrained(model: nn.Module, name: str) -> None:
+    """Load torchvision's default weights of builder ``name``; tensors whose shape differs from the model's (the
+    head, for another class count) keep their random init."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as err:  # download/IO errors of any kind get one clear message
+        raise RuntimeError(f"could not load torchvision's pretrained {name} weights ({type(err).__name__}: {err}); "
+                           f"download {weights.url} into {torch.hub.get_dir()}/checkpoints") from err
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+
+
+def _check_spec(spec: str) -> None:
+    module_name, sep, attr = spec.partition(":")
+    if not is_paper_model(spec) and (not sep or not module_name or not attr):
+        raise ValueError(f"unknown model {spec!r}; use one of {', '.join(MODELS)}, torchvision:<builder> or "
+                         "package.module:callable")
+
+
+def resolve_float_model(spec: str, *, pretrained: bool = False, num_classes: int | None = None,
+                        in_channels: int | None = None) -> nn.Module:
+    """The float model of a model spec: a paper name (`build_float_model`), ``torchvision:<builder>`` (any
+    ``torchvision.models`` builder; ``pretrained`` loads its default weights, all but a head of another class
+    count) or ``package.module:callable``
+    (imported from ``sys.path``; called with ``num_classes``/``in_channels`` where its signature takes them).
+    A bad spec is a ``ValueError`` saying which form to use."""
+    if is_paper_model(spec):
+        return build_float_model(spec, pretrained=pretrained, num_classes=num_classes)
+    if spec.startswith(TORCHVISION_PREFIX):
+        name = spec[len(TORCHVISION_PREFIX):]
+        if name not in torchvision.models.list_models(torchvision.models):
+            raise ValueError(f"model {spec!r}: torchvision has no classification builder {name!r}; see "
+                             "torchvision.models.list_models() (e.g. torchvision:resnet18)")
+        model = torchvision.models.get_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
+        if pretrained:
+            _load_pretrained(model, name)
+        return model
+    _check_spec(spec)
+    module_name, _, attr = spec.partition(":")
+    if pretrained:
+        raise ValueError(f"model {spec!r}: pretrained weights exist for torchvision builders only; load yours with "
+                         "--weights PATH (weights=)")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model {spec!r}: cannot import {attr} from {module_name} ({err}); the module must be "
+                         "importable from the working directory or PYTHONPATH") from None
+    if not callable(target):
+        raise ValueError(f"model {spec!r}: {attr} is not callable; point at a class or function returning an "
+                         "nn.Module")
+    model = _call_factory(target, num_classes, in_channels)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_float_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a float ``state_dict`` file into ``model`` (read with ``weights_only=True``; strict key match); a
+    missing, foreign or mismatched file is a ``ValueError`` naming ``path``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise ValueError(f"weights {path}: not a readable state_dict file ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"weights {path}: holds a {type(state).__name__}, not a state_dict; save "
+                         "model.state_dict() with torch.save")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"weights {path}: does not fit the model ({' '.join(str(exc).split())[:300]})") from None
+
+
 def build_model(name: str, config: QuantConfig | None = None, *, pretrained: bool = False,
-                num_classes: int | None = None, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
-    """The quantized model `name` under `config` (default QuantConfig()): `prepare` of its float model on a
-    batch-1 example of `input_shape` (C, H, W; default the model's own, which sets the MACs). Run `calibrate`
-    before training."""
-    spec = _spec(name)
-    model = build_float_model(name, pretrained=pretrained, num_classes=num_classes)
-    return prepare(model, torch.zeros(1, *(spec.input_shape if input_shape is None else input_shape)), config)
+                num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
+                weights: str | Path | None = None, skip: Iterable[str] = (),
+                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> fx.GraphModule:
+    """The quantized model of spec `name` (see `resolve_float_model`) under `config` (default QuantConfig()):
+    `prepare` (with `skip`, `overrides`) of its float model, with float `weights` loaded first, on a batch-1 example
+    of `input_shape` (C, H, W; default the paper model's own, which sets the MACs; required for other specs). Run
+    `calibrate` before training."""
+    _check_spec(name)
+    if input_shape is None:
+        if not is_paper_model(name):
+            raise ValueError(f"model {name!r}: pass input_shape=(C, H, W), the shape of one training image")
+        input_shape = MODELS[name].input_shape
+    model = resolve_float_model(name, pretrained=pretrained, num_classes=num_classes, in_channels=input_shape[0])
+    if weights is not None:
+        load_float_weights(model, weights)
+    return prepare(model, torch.zeros(1, *input_shape), config, skip=skip, overrides=overrides)

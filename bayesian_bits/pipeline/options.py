@@ -9,7 +9,8 @@ from typing import Any
 
 from bbkernels.ladder import GATED_BITS
 
-from ..experiments import EXPERIMENTS, MODELS
+from ..experiments import EXPERIMENTS, MODELS, parse_overrides
+from ..prepare import FIXED_BITS
 from .errors import UsageError
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULE_HELP, parse_lr_schedule
@@ -35,21 +36,25 @@ class _DoesNothing(argparse.Action):
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Register every ``train`` flag on ``parser``."""
     ref = parser.add_argument_group("experiment (reference flags)")
-    ref.add_argument("--experiment", required=True, choices=list(EXPERIMENTS), help="dataset and model family")
+    ref.add_argument("--experiment", choices=list(EXPERIMENTS),
+                     help="dataset: the paper's mnist, cifar10, imagenet; fashion-mnist; imagefolder (your images "
+                     "at DATA_DIR/{train,val}/<class>/<image>). Required, except with --eval-only")
     ref.add_argument(
         "--data-dir",
-        required=True,
-        help="dataset root: MNIST and CIFAR-10 are downloaded here when missing; ImageNet must be at "
-        "DATA_DIR/imagenet_raw/{train,val}/<class>/<image>",
+        help="dataset root: MNIST, Fashion-MNIST and CIFAR-10 are downloaded here when missing; ImageNet must be at "
+        "DATA_DIR/imagenet_raw/{train,val}/<class>/<image>. Required, except with --eval-only (default: the "
+        "checkpoint's)",
     )
     ref.add_argument(
-        "--model", required=True, choices=list(MODELS), help="lenet5quantized (mnist), vggquantized (cifar10), "
-        "resnet18 or mobilenetv2 (imagenet)"
+        "--model", help=f"model spec: {', '.join(MODELS)} (the paper's, each on its experiment; any on "
+        "fashion-mnist and imagefolder), torchvision:<builder> (e.g. torchvision:resnet18) or package.module:callable "
+        "(a class or function returning an nn.Module, imported from the working directory or PYTHONPATH, called "
+        "with num_classes= and in_channels= where it takes them). Required, except with --eval-only"
     )
     ref.add_argument("--method", action=_DoesNothing, default="bayesian_bits", choices=["bayesian_bits"],
                      reason="Bayesian Bits is the only method")
     ref.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights "
-                     "(resnet18, mobilenetv2; fetched into the torch hub cache when missing)")
+                     "(resnet18, mobilenetv2 and torchvision:<builder>; fetched into the torch hub cache when missing)")
     ref.add_argument("--batch-size", type=int, default=64, help="global batch size, train and eval (default 64); "
                      "under torchrun each process takes BATCH_SIZE / WORLD_SIZE")
     ref.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
@@ -57,6 +62,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="epochs between evaluations and BOP tables (default 5; the last epoch is always evaluated)")
     ref.add_argument("--n-workers", "--workers", dest="n_workers", type=int, default=None,
                      help="data-loader worker processes (default: 2 mnist, 1 cifar10, min(64, CPUs) imagenet)")
+
+    user = parser.add_argument_group("your model and data")
+    user.add_argument("--weights", metavar="PATH", help="float weights to start from: a state_dict file "
+                      "(torch.save(model.state_dict(), PATH); read with weights_only=True), loaded before preparing")
+    user.add_argument("--num-classes", type=int, help="classes of the model's head (default: the experiment's; "
+                      "imagefolder: the number of class folders)")
+    user.add_argument("--image-size", type=int, metavar="PIXELS", help="imagefolder: side the images are resized "
+                      "and centre-cropped to (default 224)")
+    user.add_argument("--channels", type=int, choices=[1, 3], help="imagefolder: read the images as grayscale (1) "
+                      "or RGB (3) (default: as the first training image is)")
+    user.add_argument("--mean", type=_floats, help="imagefolder: per-channel normalisation mean, comma-separated "
+                      "(default: computed on the training images and stored in the checkpoint)")
+    user.add_argument("--std", type=_floats, help="imagefolder: per-channel normalisation std (with --mean)")
+    user.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                      help="module-name pattern (fnmatch) whose conv/linear layers stay float; repeatable")
+    user.add_argument("--override", action="append", default=[], metavar="PATTERN:KEY=VALUE[,KEY=VALUE]",
+                      help="per-layer settings for modules matching PATTERN: weight_bits / act_bits "
+                      f"({'/'.join(map(str, FIXED_BITS))} fixed, none = learned), prune (true/false), gamma_inits "
+                      "(4 logits joined by '/'); e.g. --override 'conv1:weight_bits=8,act_bits=8'; repeatable, "
+                      "later ones win")
 
     opt = parser.add_argument_group("optimisation (reference flags)")
     opt.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="weights optimizer (default SGD, "
@@ -142,6 +167,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu); "
                      "under torchrun each process uses cuda:LOCAL_RANK")
     run.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="CUDA mixed precision autocast")
+    run.add_argument("--compile", action="store_true",
+                     help="run the model under torch.compile for training and evaluation (compiling takes a while)")
 
     test = parser.add_argument_group("test hooks (smoke runs only; no accuracy is ever claimed from them)")
     test.add_argument("--synthetic", type=int, default=None, metavar="N",
@@ -150,6 +177,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="side of the synthetic images (default: the experiment's); needs --synthetic")
     test.add_argument("--max-batches", type=int, default=None, metavar="N",
                       help="stop each training epoch after N batches")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated numbers, e.g. 0.5,0.5,0.5") from None
 
 
 def _positive(args: argparse.Namespace, name: str, minimum: int) -> None:
@@ -162,11 +196,13 @@ def check_train_options(args: argparse.Namespace) -> None:
     """Reject contradictory or impossible combinations with a ``UsageError`` naming the flag and the fix."""
     for name, minimum in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("n_workers", 0),
                           ("fixed_gate_finetune_epochs", 0), ("log_every", 1), ("synthetic", 1),
-                          ("synthetic_image_size", 8), ("max_batches", 1)):
+                          ("synthetic_image_size", 8), ("max_batches", 1), ("num_classes", 1), ("image_size", 8)):
         _positive(args, name, minimum)
-    if args.pretrained and args.model not in ("resnet18", "mobilenetv2"):
-        raise UsageError(f"--pretrained: {args.model} has no pretrained weights (it is trained from scratch); "
-                         "drop --pretrained")
+    if not args.eval_only:
+        missing = [f"--{k.replace('_', '-')}" for k in ("experiment", "data_dir", "model") if getattr(args, k) is None]
+        if missing:
+            raise UsageError(f"train needs {' and '.join(missing)} (only --eval-only takes them from its checkpoint)")
+    check_model_options(args)
     if args.prune_only and not args.include_pruning:
         raise UsageError("--prune-only needs --include-pruning; add --include-pruning")
     if args.fixed_8bit and args.fixed_48bit:
@@ -203,6 +239,56 @@ def check_train_options(args: argparse.Namespace) -> None:
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite and --resume exclude each other: --resume continues the run, --overwrite "
                          "replaces it; keep one")
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """The model-spec and data flags: pretrained weights where they exist, ImageFolder-only flags, overrides."""
+    model = args.model
+    if args.pretrained and model is not None and model not in ("resnet18", "mobilenetv2") \
+            and not model.startswith("torchvision:"):
+        raise UsageError(f"--pretrained: {model} has no pretrained weights (resnet18, mobilenetv2 and "
+                         "torchvision:<builder> have); drop --pretrained, or load yours with --weights PATH")
+    if args.pretrained and args.weights is not None:
+        raise UsageError("--pretrained and --weights both give the starting weights; keep one")
+    if args.experiment not in (None, "imagefolder"):
+        for flag in ("image_size", "channels", "mean", "std"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} applies to --experiment imagefolder only; drop it")
+    if (args.mean is None) != (args.std is None):
+        raise UsageError("--mean and --std go together; pass both (or neither, to compute them)")
+    if args.std is not None and min(args.std) <= 0:
+        raise UsageError(f"--std {','.join(map(str, args.std))}: every std must be positive")
+    parse_overrides(args.override)
+
+
+# Options --eval-only takes from the command line; every other one comes from the checkpoint.
+EVAL_FROM_COMMAND_LINE = ("eval_only", "checkpoint", "resume", "logdir", "make_subdir", "overwrite", "n_workers",
+                          "device", "log_every", "save_checkpoints", "checkpointing", "batch_size", "amp", "compile",
+                          "debug", "max_batches", "method")
+
+
+def eval_only_args(args: argparse.Namespace, saved: dict[str, Any], defaults: dict[str, Any]) -> argparse.Namespace:
+    """The options of ``--eval-only``: the checkpoint's ``saved`` options, with the command line's run settings
+    (``EVAL_FROM_COMMAND_LINE``; ``--data-dir`` where given). A flag given on the command line (a value other than
+    its default in ``defaults``) that differs from the checkpoint is a conflict: all of them are one
+    ``UsageError``."""
+    given = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    conflicts = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in sorted(given.items())
+                 if k not in EVAL_FROM_COMMAND_LINE and k != "data_dir" and k in saved and saved[k] != v]
+    if conflicts:
+        raise UsageError(f"--checkpoint {args.checkpoint}: --eval-only takes the model and quantization options "
+                         f"from the checkpoint, and these flags contradict it: {'; '.join(conflicts)}. Drop them")
+    merged = {**vars(args), **{k: v for k, v in saved.items() if k not in EVAL_FROM_COMMAND_LINE}}
+    if args.data_dir is not None:
+        merged["data_dir"] = args.data_dir
+    return argparse.Namespace(**merged)
+
+
+def train_defaults() -> dict[str, Any]:
+    """Every ``train`` flag's default value (by destination name)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    return vars(parser.parse_args([]))
 
 
 def check_budget_options(args: argparse.Namespace) -> None:

@@ -26,7 +26,8 @@ from ..calibration import calibrate, freeze_batch_norm
 from ..errors import CheckpointError, NonFiniteError
 from ..experiments import Experiment, get_experiment, quant_config
 from ..finetune import convert_to_fixed
-from ..models import build_model
+from ..models import load_float_weights, resolve_float_model
+from ..prepare import prepare
 from ..regularizer import regularizer
 from . import checkpoint, plots
 from .distributed import DistEnv, all_sum, broadcast_object, gather_objects, setup, teardown
@@ -34,19 +35,16 @@ from .errors import DataError, UsageError
 from .loop import StepSettings, TrainingModule, evaluate, train_epoch
 from .metrics import RunLog, read_metrics
 from .optim import build_finetune_optimizers, build_optimizers, group_settings, select_kinds, split_parameters
-from .options import DEBUG_BATCHES
+from .options import DEBUG_BATCHES, eval_only_args, parse_overrides, train_defaults
 from .rundir import RunDir, open_run_dir
 from .schedules import ScheduleSpec, build_finetune_schedulers, build_schedulers, parse_lr_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CALIBRATION_IMAGES = 2  # §6.2 step 5
 PROBE_BATCHES = 8  # training batches whose gate gradients rank the projection's switches
-# Options a resumed run must share with the run that wrote the checkpoint (they change the model's structure).
-STRUCTURAL = ("experiment", "model", "include_pruning", "prune_only", "fixed_8bit", "fixed_48bit", "weight_quant",
-              "act_quant", "learned_scale", "synthetic_image_size")
 # Options that do not change what a run computes: a resumed run may pass other values; every other flag must match.
 RUN_INDEPENDENT = ("resume", "checkpoint", "eval_only", "logdir", "make_subdir", "overwrite", "data_dir", "n_workers",
-                   "device", "log_every", "save_checkpoints", "checkpointing")
+                   "device", "log_every", "save_checkpoints", "checkpointing", "compile")
 # What a checkpoint needs beyond its model state to be resumed.
 RESUME_KEYS = ("epoch", "index", "optimizers", "schedulers", "scaler", "rng", "options", "last_top1", "pre_ft_model")
 
@@ -91,8 +89,10 @@ class Phase:
 class Run:
     """One invocation of ``train``: holds the model, data, phases and outputs of this process."""
 
-    def __init__(self, args: argparse.Namespace, exp: Experiment, schedule: ScheduleSpec, env: DistEnv) -> None:
+    def __init__(self, args: argparse.Namespace, exp: Experiment, schedule: ScheduleSpec, env: DistEnv,
+                 ckpt: dict[str, Any] | None = None) -> None:
         self.args, self.exp, self.schedule, self.env = args, exp, schedule, env
+        self.ckpt = ckpt  # the --eval-only checkpoint, read before the options were taken from it
         self.start = time.perf_counter()
         if args.amp and env.device.type != "cuda":
             raise UsageError(f"--amp {args.amp} needs a CUDA device (this run uses {env.device}); drop --amp")
@@ -141,21 +141,32 @@ class Run:
     def build_data(self) -> None:
         args, env = self.args, self.env
 
-        def datasets() -> tuple[Any, Any]:
-            return data.build_datasets(self.exp, args.data_dir, args.synthetic, args.synthetic_image_size)
+        saved = (self.ckpt or {}).get("options", {}).get("dataset") or {}
+        norm = (args.mean, args.std) if args.mean is not None else (
+            (saved["mean"], saved["std"]) if saved.get("mean") is not None else None)
+
+        def datasets() -> data.Data:
+            return data.load_data(self.exp, args.data_dir, args.synthetic, args.synthetic_image_size,
+                                  image_size=args.image_size, channels=args.channels, num_classes=args.num_classes,
+                                  norm=norm)
 
         # Rank 0 downloads and verifies first; the others then read the files, or stop with rank 0's error.
         failure = None
         if env.is_main:
             try:
-                self.train_set, self.val_set = datasets()
+                self.train_set, self.val_set, info = datasets()
             except DataError as exc:
                 failure = str(exc)
         failure = broadcast_object(env, failure)
         if failure is not None:
             raise DataError(failure)
         if not env.is_main:
-            self.train_set, self.val_set = datasets()
+            self.train_set, self.val_set, info = datasets()
+        keys = ("channels", "image_size", "num_classes")
+        if saved and any(saved.get(k) != info[k] for k in keys):
+            raise DataError(f"--data-dir {args.data_dir}: its images ({', '.join(f'{k} {info[k]}' for k in keys)}) "
+                            f"do not fit the checkpoint's model ({', '.join(f'{k} {saved.get(k)}' for k in keys)})")
+        args.dataset = info  # stored with the options: what the model is rebuilt from
         workers = args.n_workers
         if workers is None:
             workers = max(1, min(self.exp.default_workers, (os.cpu_count() or 1) // env.world))
@@ -168,14 +179,8 @@ class Run:
         """Build, calibrate on 2 training images (same on every rank), optionally freeze BN, assign MACs."""
         args = self.args
         seed_everything(args.seed)
-        try:
-            self.mac_shape = self.exp.input_shape(args.synthetic_image_size)
-            self.model = build_model(args.model, quant_config(args), pretrained=args.pretrained,
-                                     input_shape=self.mac_shape[1:])
-        except RuntimeError as exc:  # pretrained weights that cannot be fetched
-            if not args.pretrained:
-                raise
-            raise UsageError(f"--pretrained: {exc}") from None
+        self.mac_shape = tuple(args.dataset["mac_shape"])
+        self.model = self.prepared_model(starting_weights=self.ckpt is None and args.resume is None)
         self.model.to(self.env.device)
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(args.seed))
         images = torch.stack([self.train_set[int(i)][0] for i in order[:CALIBRATION_IMAGES]])
@@ -185,6 +190,33 @@ class Run:
         if args.reg_type == "bop":
             assign_macs(self.model)
         self.budget = self.build_budget()
+
+    def prepared_model(self, starting_weights: bool) -> nn.Module:
+        """The quantized model of ``--model`` for this run's images; ``--pretrained``/``--weights`` only when
+        ``starting_weights`` (a checkpoint's state replaces them otherwise). Bad specs and models are a
+        ``UsageError`` naming the flag."""
+        args = self.args
+        try:
+            model = resolve_float_model(args.model, pretrained=args.pretrained and starting_weights,
+                                        num_classes=args.dataset["num_classes"], in_channels=self.mac_shape[1])
+        except ValueError as exc:
+            raise UsageError(f"--{exc}") from None
+        except RuntimeError as exc:  # pretrained weights that cannot be fetched
+            if not args.pretrained:
+                raise
+            raise UsageError(f"--pretrained: {exc}") from None
+        if args.weights is not None and starting_weights:
+            try:
+                load_float_weights(model, args.weights)
+            except ValueError as exc:
+                raise UsageError(f"--{exc}") from None
+        try:
+            return prepare(model, torch.zeros(self.mac_shape), quant_config(args), skip=args.skip,
+                           overrides=parse_overrides(args.override))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise UsageError(f"--model {args.model}: cannot be prepared for {tuple(self.mac_shape[1:])} inputs "
+                             f"({' '.join(str(exc).split())[:400]}); see --skip/--override, or the README's "
+                             "'Bring your own model'") from None
 
     def build_budget(self) -> BopBudget | None:
         """The budget of --target-rel-bops / --target-gbops (μ starts at --gating-lambda, 0 meaning 0.1), or None."""
@@ -236,7 +268,7 @@ class Run:
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             module = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
-        return module
+        return torch.compile(module) if self.args.compile else module
 
     # ----- checkpoints --------------------------------------------------------------------------------------
     def save(self, phase: Phase, names: list[str], pre_ft_model: dict[str, Any] | None) -> None:
@@ -260,13 +292,6 @@ class Run:
             checkpoint_io.save(state, self.logdir / name)
             if name == "last.pth":
                 self.last_saved = f"{self.logdir / name} (after {phase.name} epoch {phase.done})"
-
-    def check_compatible(self, ckpt: dict[str, Any], flag: str) -> None:
-        old = ckpt.get("options", {})
-        for key in STRUCTURAL:
-            if key in old and old[key] != getattr(self.args, key):
-                raise UsageError(f"{flag}: the checkpoint was written with {key}={old[key]!r} but this run has "
-                                 f"{getattr(self.args, key)!r}; pass the flags of the original run")
 
     def check_resumable(self, ckpt: dict[str, Any]) -> None:
         """A resumed run continues the same run: every flag that changes it must equal the checkpoint's."""
@@ -312,7 +337,8 @@ class Run:
     def evaluate(self, tag: str) -> tuple[float, dict[str, Any]]:
         report = self.report()
         self.log.line(format_report(report))
-        top1 = evaluate(self.model, self.val_loader, self.env, self.amp_dtype)
+        model = torch.compile(self.model) if self.args.compile else self.model
+        top1 = evaluate(model, self.val_loader, self.env, self.amp_dtype)
         self.log.line(f"{tag} Top-1-accuracy: {top1:.2f} %")
         self.last_top1 = top1
         return top1, report
@@ -421,11 +447,8 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         args = self.args
-        ckpt = None  # read first: a bad path fails before any data or model work
-        if args.eval_only:
-            ckpt = checkpoint_io.load_checkpoint(args.checkpoint, "--checkpoint")
-            self.check_compatible(ckpt, "--checkpoint")
-        elif args.resume is not None:
+        ckpt = self.ckpt  # read first: a bad path fails before any data or model work
+        if args.resume is not None:
             ckpt = checkpoint_io.load_checkpoint(args.resume, "--resume")
             self.check_resumable(ckpt)
         self.open_logdir()  # before any data or model work: an unusable folder fails at once
@@ -473,12 +496,21 @@ class Run:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``train`` with parsed and checked ``args``; returns the summary (also written to summary.json)."""
+    """Run ``train`` with parsed and checked ``args``; returns the summary (also written to summary.json).
+    ``--eval-only`` takes its options from the checkpoint (``eval_only_args``)."""
+    ckpt = None
+    if args.eval_only:
+        ckpt = checkpoint_io.load_checkpoint(args.checkpoint, "--checkpoint")
+        saved = ckpt.get("options")
+        if not isinstance(saved, dict) or "model" not in saved:
+            raise CheckpointError(f"--checkpoint {args.checkpoint}: has no training options; pass a checkpoint "
+                                  "written by bayesian-bits train")
+        args = eval_only_args(args, saved, train_defaults())
     exp = get_experiment(args.experiment, args.model)
     schedule = parse_lr_schedule(args.lr_schedule or exp.default_lr_schedule)
     env = setup(args.device)
     try:
-        run_ = Run(args, exp, schedule, env)
+        run_ = Run(args, exp, schedule, env, ckpt)
         try:
             return run_.execute()
         finally:

@@ -29,6 +29,9 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     width = 0.4
     ax.bar([x - width / 2 for x in xs], [row.get("weight_bits") or 0 for row in layers], width, label="weight bits")
     ax.bar([x + width / 2 for x in xs], [row.get("act_bits") or 0 for row in layers], width, label="activation bits")
+    bare = [x for x, row in zip(xs, layers, strict=True) if row.get("act_bits") is None]
+    if bare:
+        ax.plot([x + width / 2 for x in bare], [0.85 * BITS[0]] * len(bare), "kx", label="no activation quantizer")
     ax.set_yscale("log", base=2)
     ax.set_yticks(list(BITS), [str(b) for b in BITS])
     ax.set_ylim(0.75 * BITS[0], 1.5 * BITS[-1])
@@ -39,26 +42,46 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     kept.set_ylim(0, 1.05)
     kept.set_ylabel("fraction of output channels kept")
     handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
-    ax.set_title(title)
+    _legend_above(ax, handles)
+    ax.set_title(title, pad=28)
     fig.tight_layout()
     _save(fig, path)
 
 
+def _legend_above(ax: Any, handles: list[Any]) -> None:
+    """One legend for both axes, in a row above the plot (never over the data)."""
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncols=len(handles), fontsize=8, frameon=False)
+
+
 def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Top-1 (left axis) and relative BOPs (right axis, log) over the evaluated epochs."""
+    """Top-1 (left axis, 0–100 %) and relative BOPs (right axis, log with plain labels) over the evaluated
+    epochs; a dashed line where fixed-gate fine-tuning starts, if it does."""
     evaluated = [r for r in records if r.get("top1") is not None]
     xs = [r["index"] for r in evaluated]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.plot(xs, [r["top1"] for r in evaluated], "C0o-", label="top-1 %")
-    ax.set_xlabel("epoch (training, then fine-tuning)")
+    ax.plot(xs, [r["top1"] for r in evaluated], "C0o-", label="top-1 % (left)")
+    ax.set_ylim(0, 100)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, max(xs, default=1) + 0.5)
+    finetune = [r["index"] for r in records if r.get("phase") == "finetune"]
+    ax.set_xlabel("epoch (training, then fine-tuning)" if finetune else "epoch")
     ax.set_ylabel("top-1 accuracy (%)", color="C0")
+    ax.grid(alpha=0.3)
     bops = ax.twinx()
-    bops.plot(xs, [r["relative_bops"] for r in evaluated], "C1s-", label="relative BOPs %")
+    bops.plot(xs, [r["relative_bops"] for r in evaluated], "C1s-", label="relative BOPs % (right)")
     bops.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    bops.yaxis.set_major_formatter(plain)
+    bops.yaxis.set_minor_formatter(plain)
+    bops.tick_params(axis="y", which="minor", labelsize=7)
     bops.set_ylabel("relative BOPs vs W32A32 (%)", color="C1")
-    ax.set_title(title)
+    handles = ax.get_legend_handles_labels()[0] + bops.get_legend_handles_labels()[0]
+    if finetune:
+        handles.append(ax.axvline(min(finetune) - 0.5, color="k", linestyle="--", label="fine-tuning starts"))
+    _legend_above(ax, handles)
+    ax.set_title(title, pad=28)
     fig.tight_layout()
     _save(fig, path)
 

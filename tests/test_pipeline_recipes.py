@@ -36,3 +36,12 @@ def test_multi_gpu_recipe_uses_torchrun_and_passes_flags_through() -> None:
     assert cmd[:6] == ["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "bayesian_bits.train"]
     args = build_parser().parse_args(["train", *cmd[6:]])
     assert (args.gating_lambda, args.logdir, args.seed) == (0.1, "runs/x", 3)
+
+
+def test_imagefolder_recipe_trains_a_torchvision_model_on_your_images() -> None:
+    cmd = recipe("imagefolder", "runs/mine", MODEL="torchvision:mobilenet_v3_large", SIZE="160")
+    args = build_parser().parse_args(["train", *cmd[3:]])
+    check_train_options(args)
+    assert (args.experiment, args.model, args.image_size, args.pretrained) == (
+        "imagefolder", "torchvision:mobilenet_v3_large", 160, True)
+    assert (args.logdir, args.fixed_gate_finetune_epochs) == ("runs/mine", 5)

@@ -3,12 +3,14 @@
 #
 #   benchmarks/recipes/run.sh RECIPE DATA_DIR [LOGDIR] [extra train flags...]
 #
-# RECIPE: mnist (LeNet5), cifar10 (VGG7), imagenet (ResNet-18, with 10 fixed-gate fine-tuning epochs).
+# RECIPE: mnist (LeNet5), cifar10 (VGG7), imagenet (ResNet-18, with 10 fixed-gate fine-tuning epochs);
+# imagefolder: a torchvision model (MODEL=torchvision:<builder>, default resnet18) from its ImageNet weights on your
+# images at DATA_DIR/{train,val}/<class>/<image> (SIZE=<side>, default 224), with 5 fine-tuning epochs.
 # Environment: MU=<gating lambda> overrides the recipe's, NPROC=<n> runs `torchrun --nproc_per_node n` (DDP;
 # --batch-size stays the global batch), PRINT=1 prints the command instead of running it.
 set -euo pipefail
 
-usage() { echo "usage: $0 {mnist|cifar10|imagenet} DATA_DIR [LOGDIR] [extra flags...]" >&2; exit 2; }
+usage() { echo "usage: $0 {mnist|cifar10|imagenet|imagefolder} DATA_DIR [LOGDIR] [extra flags...]" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 RECIPE=$1 DATA_DIR=$2
 shift 2
@@ -30,6 +32,11 @@ case $RECIPE in
     FLAGS=(--experiment imagenet --model resnet18 --batch-size 384 --optimizer SGD --learning-rate 3e-3
            --gating-lambda "${MU:-0.05}" --gamma-4-init 6 --gamma-8-init 6 --gamma-16-init 6 --gamma-32-init -6
            --epochs 30 --lr-schedule multistep:10:20 --pretrained --checkpointing --fixed-gate-finetune-epochs 10) ;;
+  imagefolder)  # no reference numbers: your data. The head (another class count) starts from random weights
+    FLAGS=(--experiment imagefolder --model "${MODEL:-torchvision:resnet18}" --pretrained --image-size "${SIZE:-224}"
+           --batch-size 64 --optimizer SGD --learning-rate 3e-3 --gating-lambda "${MU:-0.05}" --gamma-4-init 6
+           --gamma-8-init 6 --gamma-16-init 6 --gamma-32-init -6 --epochs 20 --lr-schedule multistep:10:15
+           --fixed-gate-finetune-epochs 5) ;;
   *) usage ;;
 esac
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from bayesian_bits import data
 from bayesian_bits.cli import main
 from bayesian_bits.data import load_data
 from bayesian_bits.experiments import EXPERIMENTS
 from bayesian_bits.export import load_eval_model, onnxruntime_session
+from bayesian_bits.pipeline import runner
 from tests.zoo import small_cnn_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -46,12 +49,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _train(digits: Path, logdir: Path, *flags: str) -> dict:
+def _train(digits: Path, logdir: Path, *flags: str, status: int = 0) -> dict | None:
     code = main(["train", "--experiment", "imagefolder", "--data-dir", str(digits), "--image-size", "32",
                  "--epochs", "1", "--batch-size", "8", "--max-batches", "2", "--n-workers", "0", "--seed", "0",
                  "--learned-scale", "range", "--include-pruning", "--logdir", str(logdir), *flags])
-    assert code == 0
-    return json.loads((logdir / "summary.json").read_text())
+    assert code == status
+    return json.loads((logdir / "summary.json").read_text()) if status == 0 else None
 
 
 @torch.no_grad()
@@ -116,3 +119,25 @@ def test_eval_only_names_every_conflicting_flag(digits: Path, tmp_path: Path, ca
         assert flag in err, err
     # run settings may differ; the stored --skip rebuilds the same model
     assert main(["train", "--eval-only", "--checkpoint", ckpt, "--batch-size", "7"]) == 0
+
+
+def test_resume_rebuilds_the_model_and_reuses_the_stored_normalisation(
+        digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = ["--model", "tests.zoo:small_cnn_for", "--epochs", "2"]
+    calls = []
+    real = runner.train_epoch
+
+    def cut_after_one(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "train_epoch", cut_after_one)
+        _train(digits, tmp_path / "run", *flags, status=130)  # interrupted after epoch 1
+    stored = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["options"]["dataset"]
+    monkeypatch.setattr(data, "channel_stats", lambda *a, **k: pytest.fail("mean/std recomputed on resume"))
+    summary = _train(digits, tmp_path / "run", *flags, "--resume", str(tmp_path / "run" / "last.pth"))
+    assert summary["epochs"] == 2
+    assert torch.load(tmp_path / "run" / "epoch_FINAL.pth", weights_only=True)["options"]["dataset"] == stored

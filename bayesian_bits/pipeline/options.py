@@ -155,7 +155,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also write a progress line to the log every N iterations (default: epoch summaries only)")
     out.add_argument("--debug", action="store_true",
                      help=f"quick check: each epoch stops after {DEBUG_BATCHES} batches and nothing is written")
-    out.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and report its BOPs; no training")
+    out.add_argument("--eval-only", action="store_true",
+                     help="evaluate --checkpoint and report its BOPs; no training. Model, data and quantization "
+                     "options come from the checkpoint: a flag that contradicts it is an error")
     out.add_argument("--checkpoint", default=None, help="checkpoint to evaluate with --eval-only")
     out.add_argument("--resume", default=None, metavar="CHECKPOINT",
                      help="continue an interrupted run from its checkpoint (e.g. LOGDIR/last.pth) with the same flags: "

@@ -92,7 +92,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, exp: Experiment, schedule: ScheduleSpec, env: DistEnv,
                  ckpt: dict[str, Any] | None = None) -> None:
         self.args, self.exp, self.schedule, self.env = args, exp, schedule, env
-        self.ckpt = ckpt  # the --eval-only checkpoint, read before the options were taken from it
+        self.ckpt = ckpt  # the checkpoint read (--eval-only: before its options were taken), or None
         self.start = time.perf_counter()
         if args.amp and env.device.type != "cuda":
             raise UsageError(f"--amp {args.amp} needs a CUDA device (this run uses {env.device}); drop --amp")
@@ -180,7 +180,7 @@ class Run:
         args = self.args
         seed_everything(args.seed)
         self.mac_shape = tuple(args.dataset["mac_shape"])
-        self.model = self.prepared_model(starting_weights=self.ckpt is None and args.resume is None)
+        self.model = self.prepared_model(starting_weights=self.ckpt is None)
         self.model.to(self.env.device)
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(args.seed))
         images = torch.stack([self.train_set[int(i)][0] for i in order[:CALIBRATION_IMAGES]])
@@ -451,6 +451,7 @@ class Run:
         if args.resume is not None:
             ckpt = checkpoint_io.load_checkpoint(args.resume, "--resume")
             self.check_resumable(ckpt)
+            self.ckpt = ckpt
         self.open_logdir()  # before any data or model work: an unusable folder fails at once
         self.build_data()
         self.build_model()

@@ -24,10 +24,8 @@ from .harness import measure, write_csv
 
 
 def row(name: str, repeats: int) -> dict:
-    build, side = zoo.ZOO[name]
-    torch.manual_seed(0)
-    float_model = build()
-    x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    float_model, x = zoo.zoo_float_model(name)
+    side = x.shape[-1]
     timing = measure(lambda: bb.prepare(float_model, x, ZOO_CONFIG), warmup=1, reps=repeats)
     model = bb.prepare(float_model, x, ZOO_CONFIG)
     bb.calibrate(model, x)

@@ -189,9 +189,18 @@ class _Builder:
 
     def layer(self, x: str, layer: ExportLayer, name: str, rank: int) -> str:
         """Conv, Gemm or MatMul with dequantized weight and fp32 bias, bias map, activation, output Q→DQ."""
-        op = layer.op
-        w = self.weight(op.weight, layer.weight_quant, f"{name}.weight")
-        b = self.const(f"{name}.bias", op.bias.detach().numpy().astype(np.float32))
+        y = self.dense(x, layer.op, layer.weight_quant, name, rank)
+        if layer.bias_map is not None:
+            y = self.node("Add", [y, self.const(f"{name}.bias_map", layer.bias_map.numpy()[None])], f"{name}.add_map")
+        if layer.activation is not None:
+            y = self.activation(y, layer.activation, name)
+        return y if layer.act_quant is None else self.quantize(y, layer.act_quant.spec, f"{name}.act")
+
+    def dense(self, x: str, op: nn.Module, weight_quant: QuantSpec | None, name: str, rank: int) -> str:
+        """A conv or linear op (with its bias; a float layer's weight stays fp32)."""
+        w = self.weight(op.weight, weight_quant, f"{name}.weight")
+        bias = op.bias if op.bias is not None else torch.zeros(op.weight.shape[0])
+        b = self.const(f"{name}.bias", bias.detach().numpy().astype(np.float32))
         if isinstance(op, (nn.Conv1d, nn.Conv2d)):
             if isinstance(op.padding, str):
                 raise UsageError(f"{name}: padding={op.padding!r} has no ONNX export; give the padding explicitly")
@@ -202,18 +211,12 @@ class _Builder:
                 x = self.node("Pad", [x, self.const(f"{name}.pads", np.array(spatial, np.int64))], f"{name}.pad",
                               mode=mode)
                 pads = [0] * len(pads)
-            y = self.node("Conv", [x, w, b], f"{name}.conv", kernel_shape=list(op.kernel_size),
-                          strides=list(op.stride), pads=pads, dilations=list(op.dilation), group=op.groups)
-        elif rank == 2:
-            y = self.node("Gemm", [x, w, b], f"{name}.gemm", transB=1)
-        else:
-            wt = self.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
-            y = self.node("Add", [self.node("MatMul", [x, wt], f"{name}.matmul"), b], f"{name}.add_bias")
-        if layer.bias_map is not None:
-            y = self.node("Add", [y, self.const(f"{name}.bias_map", layer.bias_map.numpy()[None])], f"{name}.add_map")
-        if layer.activation is not None:
-            y = self.activation(y, layer.activation, name)
-        return y if layer.act_quant is None else self.quantize(y, layer.act_quant.spec, f"{name}.act")
+            return self.node("Conv", [x, w, b], f"{name}.conv", kernel_shape=list(op.kernel_size),
+                             strides=list(op.stride), pads=pads, dilations=list(op.dilation), group=op.groups)
+        if rank == 2:
+            return self.node("Gemm", [x, w, b], f"{name}.gemm", transB=1)
+        wt = self.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+        return self.node("Add", [self.node("MatMul", [x, wt], f"{name}.matmul"), b], f"{name}.add_bias")
 
     def ints(self, name: str, values: list[int]) -> str:
         return self.const(name, np.array(values, np.int64))
@@ -268,6 +271,13 @@ class _Emitter:
             return b.layer(x, m, name, self.rank(node.args[0]))
         if isinstance(m, TensorQuant):
             return b.quantize(x, m.spec, name)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):  # a layer `prepare` was told to skip: float
+            return b.dense(x, m, None, name, self.rank(node.args[0]))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # a BN that could not be folded
+            stats = [m.weight, m.bias, m.running_mean, m.running_var]
+            consts = [b.const(f"{name}.{k}", v.detach().numpy().astype(np.float32))
+                      for k, v in zip(("scale", "bias", "mean", "var"), stats, strict=True)]
+            return b.node("BatchNormalization", [x, *consts], name, epsilon=m.eps)
         if isinstance(m, IDENTITY):
             return x
         if isinstance(m, tuple(POOLS)):

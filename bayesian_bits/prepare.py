@@ -171,7 +171,7 @@ def _module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _activation_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
+def activation_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
     """The module a pointwise activation node stands for (a non-in-place copy), or None."""
     m = _module_of(gm, node)
     if m is not None:
@@ -313,7 +313,7 @@ class _Converter:
                 fused.append(user)
             last = fused[-1] if fused else node
             user = self._only_user(last)
-            act = _activation_module(user, self.gm) if user is not None and user.args and user.args[0] is last \
+            act = activation_module(user, self.gm) if user is not None and user.args and user.args[0] is last \
                 else None
             if act is not None:
                 fused.append(user)

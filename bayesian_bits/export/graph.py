@@ -9,11 +9,9 @@ channels to other tensors: they stay, with zero weights, and emit their constant
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torchvision.ops import StochasticDepth
 
@@ -25,8 +23,6 @@ from .quant import TensorQuant
 
 QUANTIZERS = (BayesianBitsQuantizer, FixedQuantizer, TensorQuant)
 LEAVES = (QuantLayer, ExportLayer, StochasticDepth, *QUANTIZERS)
-RELU = (F.relu, torch.relu)
-ADD = (operator.add, torch.add, operator.iadd)
 
 
 class _Tracer(fx.Tracer):
@@ -39,16 +35,6 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.Graph:
     """The model's forward as an fx graph whose call_module nodes are layers, quantizers and torch modules."""
     return _Tracer().trace(model)
-
-
-def flatten_dims(node: fx.Node) -> tuple[int, int] | None:
-    """(start, end) of a ``flatten`` node, or None when the node is not a flatten."""
-    if not ((node.op == "call_function" and node.target is torch.flatten) or
-            (node.op == "call_method" and node.target == "flatten")):
-        return None
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return start, end
 
 
 @dataclass

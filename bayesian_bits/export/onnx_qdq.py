@@ -30,6 +30,7 @@ from bbkernels.ladder import SHRINK
 
 from .. import checkpoint_io
 from ..errors import UsageError
+from ..prepare import activation_module
 from .graph import trace
 from .layer import ExportLayer
 from .loader import Loaded
@@ -231,10 +232,6 @@ POOLS = {nn.MaxPool1d: ("MaxPool", 1), nn.MaxPool2d: ("MaxPool", 2), nn.AvgPool1
 POOL_FUNCTIONS = {F.max_pool1d: ("MaxPool", 1), F.max_pool2d: ("MaxPool", 2), F.avg_pool1d: ("AveragePool", 1),
                   F.avg_pool2d: ("AveragePool", 2)}
 IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, StochasticDepth)
-ACTIVATION_FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6,
-                        torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, torch.tanh: nn.Tanh,
-                        F.tanh: nn.Tanh, "tanh": nn.Tanh, F.silu: nn.SiLU, F.hardswish: nn.Hardswish,
-                        F.hardsigmoid: nn.Hardsigmoid, F.gelu: nn.GELU}
 BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", "add": "Add", operator.mul: "Mul",
           torch.mul: "Mul", operator.imul: "Mul", "mul": "Mul", operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub",
           operator.truediv: "Div", torch.div: "Div", "div": "Div", operator.matmul: "MatMul", torch.matmul: "MatMul",
@@ -333,8 +330,9 @@ class _Emitter:
         args = node.args
         if target in BINARY:
             return b.node(BINARY[target], [self.value(args[0], name), self.value(args[1], name)], name)
-        if target in ACTIVATION_FUNCTIONS:
-            return b.activation(self.values[args[0]], ACTIVATION_FUNCTIONS[target](), name)
+        act = activation_module(node, self.model)
+        if act is not None:
+            return b.activation(self.values[args[0]], act, name)
         x = self.values.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         if target in RESHAPES:
             return self.reshape(node, x)

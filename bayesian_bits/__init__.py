@@ -16,13 +16,13 @@ Parameter names contain `gamma_` (gates) and `x_max` (ranges) for the optimizer 
 
 from .bops import assign_macs, bop_report, count_macs, expected_bops, expected_relative_bops, format_report
 from .budget import BopBudget
-from .calibration import calibrate, freeze_batch_norm, quantizers
+from .calibration import calibrate, freeze_batch_norm
 from .config import QuantConfig
 from .finetune import convert_to_fixed
 from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from .models import MODELS, build_float_model, build_model
 from .prepare import prepare
-from .quantizer import BayesianBitsQuantizer, FixedQuantizer
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode, quantizers
 from .regularizer import regularizer
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "BayesianBitsQuantizer",
     "BopBudget",
     "FixedQuantizer",
+    "Mode",
     "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from . import gates
-from .dataflow import Slice, Term, dataflow, unwrap
-from .quantizer import BayesianBitsQuantizer, FixedQuantizer
+from .dataflow import FLOAT_BITS, Slice, Term, dataflow, unwrap
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode
 
-BASELINE_BITS = 32 * 32  # relative BOPs are against W32A32
+BASELINE_BITS = FLOAT_BITS * FLOAT_BITS  # relative BOPs are against W32A32
 
 
 def count_macs(model: nn.Module) -> dict[str, int]:
@@ -68,8 +68,13 @@ class Evaluator:
     keep: Callable[[nn.Module], Tensor | None]
 
 
+def _counted(bits: int | None) -> int:
+    """The bits a tensor counts with in BOPs: its bit width, FLOAT_BITS for a float tensor."""
+    return FLOAT_BITS if bits is None else bits
+
+
 def _eval_bits(q: nn.Module) -> float:
-    return float(q.bit_width())
+    return float(_counted(q.bit_width()))
 
 
 def _eval_keep(q: nn.Module) -> Tensor | None:
@@ -78,7 +83,8 @@ def _eval_keep(q: nn.Module) -> Tensor | None:
 
 
 def _expected_bits(q: nn.Module) -> Tensor | float:
-    return q.expected_bits() if isinstance(q, BayesianBitsQuantizer) else float(q.bit_width())
+    expected = q.expected_bits() if isinstance(q, BayesianBitsQuantizer) else None
+    return _eval_bits(q) if expected is None else expected
 
 
 def _expected_keep(q: nn.Module) -> Tensor | None:
@@ -109,21 +115,22 @@ def _mean(v: Tensor | None) -> Tensor | float:
 
 def term_bops(model: nn.Module, ev: Evaluator) -> list[TermBops]:
     """Per op: BOPs = MACs · b_in · b_w · keep (§3.5). b_in mixes the input slices' bit widths by share (8 for the
-    network input); b_w is the weight's (32 for a float layer) or the second operand's for an activation matmul;
-    keep is the kept output share times the kept input share (each slice through its `mask_from` layer), and for a
-    depthwise conv the share of channels where both its own and its input's channels survive."""
+    network input, FLOAT_BITS for float tensors); b_w is the weight's (FLOAT_BITS for a float layer) or the second
+    operand's for an activation matmul; keep is the kept output share times the kept input share (each slice through
+    its `mask_from` layer), and for a depthwise conv the share of channels where both its own and its input's
+    channels survive."""
     flow, model = dataflow(model), unwrap(model)
     out_keep: dict[str, Tensor | None] = {}  # effective kept-output vector of each layer (depthwise: with input's)
 
     def bits(slices: tuple[Slice, ...]) -> Tensor | float:
-        return sum(s.fraction * (s.bits if s.quantizer is None else ev.bits(_module(model, s.quantizer)))
+        return sum(s.fraction * (_counted(s.bits) if s.quantizer is None else ev.bits(_module(model, s.quantizer)))
                    for s in slices)
 
     rows = []
     for term in flow.terms:
         wq = _module(model, term.weight)
         own = None if wq is None else ev.keep(wq)
-        b_w = bits(term.other) if term.other else (32.0 if wq is None else ev.bits(wq))
+        b_w = bits(term.other) if term.other else (float(FLOAT_BITS) if wq is None else ev.bits(wq))
         upstream = [out_keep.get(s.mask_from) if s.mask_from else None for s in term.inputs]
         if term.depthwise and len(upstream) == 1 and upstream[0] is not None:
             eff = upstream[0] if own is None else own * upstream[0]
@@ -159,8 +166,15 @@ def expected_relative_bops(model: nn.Module) -> Tensor:
     return 100.0 * expected_bops(model) / baseline_bops(model)
 
 
+def _shown_bits(q: BayesianBitsQuantizer | FixedQuantizer) -> int | str:
+    """A quantizer's eval bit width as reports show it: the number, or "float"."""
+    bits = q.bit_width()
+    return "float" if bits is None else bits
+
+
 def _quantizer_row(name: str, q: BayesianBitsQuantizer | FixedQuantizer) -> dict:
-    row = {"name": name, "bits": q.bit_width(), "signed": q._signed, "x_max": float(q.x_max.detach())}
+    row = {"name": name, "mode": q.mode.value, "bits": _shown_bits(q), "signed": q.is_signed,
+           "x_max": float(q.x_max.detach())}
     mask = q.keep_mask()
     row["kept_pct"] = None if mask is None else 100.0 * float(mask.float().mean())
     if isinstance(q, BayesianBitsQuantizer):
@@ -175,9 +189,21 @@ def _num(v: Tensor | float) -> float:
     return float(v)
 
 
-def _bits_value(v: Tensor | float) -> int | float:
+def _bits_value(v: Tensor | float, is_float: bool) -> int | float | str:
+    """Bits for the report: "float" for float tensors, an int, or a share-weighted mix (concatenations)."""
+    if is_float:
+        return "float"
     f = float(v)
     return int(f) if f.is_integer() else round(f, 3)
+
+
+def _all_float(model: nn.Module, slices: tuple[Slice, ...]) -> bool:
+    return all(s.bits is None if s.quantizer is None else model.get_submodule(s.quantizer).mode is Mode.FLOAT
+               for s in slices)
+
+
+def _count_order(item: tuple[str, int]) -> int:
+    return FLOAT_BITS + 1 if item[0] == "float" else int(item[0])
 
 
 @torch.no_grad()
@@ -185,7 +211,8 @@ def bop_report(model: nn.Module) -> dict:
     """Eval bit widths, keep ratios and BOPs relative to W32A32 with an 8-bit input (§3.5–3.6), as a JSON-able dict.
 
     One row per conv/linear layer (and activation matmul); quantizers that feed no op (pre-add tensors) are listed
-    but not counted. MACs are those of the example input `prepare` was given (batch 1).
+    but not counted. Float tensors show as "float" (and count as FLOAT_BITS). MACs are those of the example input
+    `prepare` was given (batch 1).
     """
     inner = unwrap(model)
     rows, total = [], 0.0
@@ -198,9 +225,10 @@ def bop_report(model: nn.Module) -> dict:
         rows.append({
             "name": term.name,
             "macs": term.macs,
-            "input_bits": _bits_value(r.input_bits),
-            "weight_bits": _bits_value(r.weight_bits),
-            "act_bits": None if act_q is None else act_q.bit_width(),
+            "input_bits": _bits_value(r.input_bits, _all_float(inner, term.inputs)),
+            "weight_bits": _bits_value(r.weight_bits, _all_float(inner, term.other) if term.other else
+                                       weight_q is None or weight_q.mode is Mode.FLOAT),
+            "act_bits": None if act_q is None else _shown_bits(act_q),
             "kept_out_pct": 100.0 * _num(r.kept_out),
             "kept_in_pct": 100.0 * _num(r.kept_in),
             "gbops": _num(r.bops) / 1e9,
@@ -217,21 +245,21 @@ def bop_report(model: nn.Module) -> dict:
         "gbops": total / 1e9,
         "gbops_baseline": baseline / 1e9,
         "total_macs": dataflow(model).total_macs,
-        "weight_bit_counts": dict(sorted(weight_counts.items(), key=lambda kv: int(kv[0]))),
-        "act_bit_counts": dict(sorted(act_counts.items(), key=lambda kv: int(kv[0]))),
+        "weight_bit_counts": dict(sorted(weight_counts.items(), key=_count_order)),
+        "act_bit_counts": dict(sorted(act_counts.items(), key=_count_order)),
         "layers": rows,
         "quantizers": quantizer_rows,
     }
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v: float | str | None, spec: str) -> str:
+    return "-" if v is None else v if isinstance(v, str) else format(v, spec)
 
 
 def format_report(report: dict) -> str:
     """The report as text: one row per layer, bit-width counts and the BOP summary line."""
     head = (
-        f"{'layer':<32} {'MACs':>11} {'in':>3} {'W':>3} {'A':>3} {'out%':>6} {'in%':>6} "
+        f"{'layer':<32} {'MACs':>11} {'in':>5} {'W':>5} {'A':>5} {'out%':>6} {'in%':>6} "
         f"{'w x_max':>9} {'a x_max':>9}  {'w σ(γ4..γ32)':<27} {'a σ(γ4..γ32)':<27}"
     )
     lines = [head, "-" * len(head)]
@@ -240,15 +268,15 @@ def format_report(report: dict) -> str:
         wg = " ".join(f"{g:.2f}" for g in w.get("gates", [])) or "-"
         ag = " ".join(f"{g:.2f}" for g in a.get("gates", [])) or "-"
         lines.append(
-            f"{r['name']:<32} {r['macs']:>11,} {r['input_bits']:>3g} {r['weight_bits']:>3g} "
-            f"{_fmt(r['act_bits'], 'd'):>3} {r['kept_out_pct']:>6.1f} {r['kept_in_pct']:>6.1f} "
+            f"{r['name']:<32} {r['macs']:>11,} {_fmt(r['input_bits'], 'g'):>5} {_fmt(r['weight_bits'], 'g'):>5} "
+            f"{_fmt(r['act_bits'], 'd'):>5} {r['kept_out_pct']:>6.1f} {r['kept_in_pct']:>6.1f} "
             f"{_fmt(w.get('x_max'), '.4g'):>9} {_fmt(a.get('x_max'), '.4g'):>9}  {wg:<27} {ag:<27}"
         )
     listed = {q["name"] for r in report["layers"] for q in (r["weight"], r["act"]) if q}
     for q in report["quantizers"]:
         if q["name"] not in listed:
             lines.append(
-                f"{q['name']:<32} {'(not a layer input)':>11} {'':>3} {'':>3} {q['bits']:>3} {'':>6} {'':>6} "
+                f"{q['name']:<32} {'(not a layer input)':>11} {'':>5} {'':>5} {q['bits']:>5} {'':>6} {'':>6} "
                 f"{'':>9} {q['x_max']:>9.4g}  {'':<27} {' '.join(f'{g:.2f}' for g in q.get('gates', [])) or '-':<27}"
             )
     lines.append(f"weight quantizers per bit width: {report['weight_bit_counts']}")

@@ -6,12 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import QuantLayer
-from .quantizer import BayesianBitsQuantizer
-
-
-def quantizers(model: nn.Module) -> list[tuple[str, BayesianBitsQuantizer]]:
-    """Every Bayesian Bits quantizer of `model` with its module name, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianBitsQuantizer)]
+from .quantizer import BayesianBitsQuantizer, quantizers
 
 
 @torch.no_grad()
@@ -20,7 +15,7 @@ def calibrate(model: nn.Module, images: Tensor) -> None:
     uses 2 training images): no_grad but train mode, so BN uses (and updates its running statistics
     with) this batch. Calling it again re-initialises the ranges in place. Restores the train/eval mode.
     """
-    found = quantizers(model)
+    found = [(n, q) for n, q in quantizers(model) if isinstance(q, BayesianBitsQuantizer)]
     if not found:
         raise ValueError(f"{type(model).__name__} has no Bayesian Bits quantizers to calibrate; convert it first: "
                          "model = bayesian_bits.prepare(model, example_inputs)")
@@ -34,7 +29,7 @@ def calibrate(model: nn.Module, images: Tensor) -> None:
         for _, q in found:
             q.calibrating = None
         model.train(was_training)
-    missed = [n for n, q in found if not q._initialized]
+    missed = [n for n, q in found if not q.is_calibrated]
     if missed:
         raise RuntimeError(f"the calibration forward did not reach quantizers {missed}; they are never used")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 INPUT_BITS = 8  # the network input has 8-bit colour values (§3.5)
-FLOAT_INPUT_BITS = 32  # a float tensor (skipped layer output) feeding a layer
+FLOAT_BITS = 32  # what a float tensor (a skipped layer, prune-only weights) counts as in BOPs (A2)
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,14 @@ class Slice:
     """A share of one op input that comes from one source.
 
     quantizer: module path of the quantizer whose output this slice is; None for an unquantized source, whose
-        bit width is `bits` (8 for the network input, 32 for float tensors).
+        bit width is `bits` (8 for the network input, None for float tensors).
     fraction: the slice's share of the input's elements (1.0 unless the input is a concatenation).
     mask_from: the layer whose output-channel pruning removes this slice's channels (reached through channel-wise
         ops and depthwise convs only), or None.
     """
 
     quantizer: str | None
-    bits: int = INPUT_BITS
+    bits: int | None = INPUT_BITS
     fraction: float = 1.0
     mask_from: str | None = None
 

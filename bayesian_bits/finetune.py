@@ -11,15 +11,15 @@ from .quantizer import BayesianBitsQuantizer, FixedQuantizer
 
 
 def _fixed(q: BayesianBitsQuantizer) -> FixedQuantizer:
-    bits = 0 if (q.prune_only and not q.fixed_bits) else q.bit_width()  # prune-only weights stay float
-    return FixedQuantizer(q.x_max, signed=q._signed, bits=bits, mask=q.keep_mask())
+    return FixedQuantizer(q.x_max, signed=q.is_signed, bits=q.bit_width(), mask=q.keep_mask())
 
 
 @torch.no_grad()
 def convert_to_fixed(model: nn.Module) -> nn.Module:
     """Turn a calibrated (trained) Bayesian Bits model into its fixed-gate version, in place, and return it.
 
-    Every gated quantizer becomes a `FixedQuantizer` with the eval bit width, the eval prune mask (fixed) and
+    Every Bayesian Bits quantizer becomes a `FixedQuantizer` with its eval bit width (FLOAT stays float), the eval
+    prune mask (fixed) and
     its x_max (a fresh parameter that keeps learning); the gammas disappear. Every folded BN is folded
     statically into its conv or linear layer (weight W·γ/σ_run, bias β − γ·μ_run/σ_run), freezing its statistics.
     Build optimizers after calling this.
@@ -29,7 +29,7 @@ def convert_to_fixed(model: nn.Module) -> nn.Module:
                          "converted); convert_to_fixed takes a prepared, trained model")
     for name, q in list(model.named_modules()):
         if isinstance(q, BayesianBitsQuantizer):
-            if not q._initialized:
+            if not q.is_calibrated:
                 raise RuntimeError(f"quantizer {name} was never calibrated; run calibrate(model, images) first")
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, _fixed(q))

@@ -40,7 +40,8 @@ class QuantLayer(nn.Module):
         self.act_quantizer = act_quantizer
         self.bn_frozen = False
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's conv or linear with the given weight and bias (no BN, activation or quantizer)."""
         raise NotImplementedError
 
     def freeze_bn(self) -> None:
@@ -50,18 +51,18 @@ class QuantLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         quantize, bn, act = self.weight_quantizer, self.bn, self.activation
         if bn is None:
-            y = self._op(x, self.weight if quantize is None else quantize(self.weight), self.bias)
+            y = self.op(x, self.weight if quantize is None else quantize(self.weight), self.bias)
         elif quantize is None:
-            y = bn(self._op(x, self.weight, None))
+            y = bn(self.op(x, self.weight, None))
         else:
             weight = quantize(bn_fold.fold_weight(self.weight, bn))
             if self.training and not self.bn_frozen:
                 # A second, float-weight pass gives the batch statistics (§4.3).
                 fused = act if type(act) in bn_fold.FUSED_CLAMPS else None
-                y = bn_fold.fold_train(self._op(x, weight, None), self._op(x, self.weight, None), bn, fused)
+                y = bn_fold.fold_train(self.op(x, weight, None), self.op(x, self.weight, None), bn, fused)
                 act = None if fused is not None else act
             else:
-                y = self._op(x, weight, bn_fold.folded_bias(bn))
+                y = self.op(x, weight, bn_fold.folded_bias(bn))
         if act is not None:
             y = act(y)
         if self.act_quantizer is not None:
@@ -72,19 +73,19 @@ class QuantLayer(nn.Module):
 class QuantConv1d(QuantLayer, nn.Conv1d):
     """Conv1d (any groups, dilation, padding mode) with optional folded BN, activation and quantizers."""
 
-    _op = nn.Conv1d._conv_forward
+    op = nn.Conv1d._conv_forward
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
     """Conv2d (any groups, dilation, padding mode) with optional folded BN, activation and quantizers."""
 
-    _op = nn.Conv2d._conv_forward
+    op = nn.Conv2d._conv_forward
 
 
 class QuantLinear(QuantLayer, nn.Linear):
     """Linear (any leading dimensions) with optional folded BN1d, activation and quantizers."""
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
 

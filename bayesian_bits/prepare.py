@@ -40,9 +40,9 @@ from torchvision.ops import StochasticDepth
 from bbkernels import ladder
 
 from .config import QuantConfig
-from .dataflow import ATTRIBUTE, FLOAT_INPUT_BITS, INPUT_BITS, Dataflow, Region, Slice, Term
+from .dataflow import ATTRIBUTE, INPUT_BITS, Dataflow, Region, Slice, Term
 from .layers import QUANT_LAYERS, QuantLayer, quant_layer
-from .quantizer import BayesianBitsQuantizer, FixedQuantizer
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode
 
 LAYER_TYPES = tuple(QUANT_LAYERS)
 UNSUPPORTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase,
@@ -348,12 +348,14 @@ class _Converter:
 
     def _quantizer(self, bits: int | None, settings: Settings, channels: int | None, *, weight: bool
                    ) -> BayesianBitsQuantizer:
+        prune_only = self.config.prune_only and weight and channels is not None
         return BayesianBitsQuantizer(
             channels,
+            mode=Mode.FIXED if bits else Mode.FLOAT if prune_only else Mode.GATED,
+            fixed_bits=bits,
+            prune_only=prune_only,
             gamma_inits=settings.gamma_inits,
             gating_method=self.config.gating_method,
-            fixed_bits=bits,
-            prune_only=self.config.prune_only and weight and channels is not None,
             learn_range=self.config.learned_scale == "range",
         )
 
@@ -443,7 +445,7 @@ class _Converter:
         path = self.quantized.get(src)
         if path is not None:
             return Slice(path, fraction=fraction, mask_from=mask_from)
-        return Slice(None, INPUT_BITS if src.op == "placeholder" else FLOAT_INPUT_BITS, fraction, mask_from)
+        return Slice(None, INPUT_BITS if src.op == "placeholder" else None, fraction, mask_from)
 
     def mask_source(self, node: fx.Node) -> str | None:
         """The layer whose output channels are this node's channels (through channel-wise ops only), or None."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import bops
 from .dataflow import unwrap
-from .quantizer import LEVEL_BITS, BayesianBitsQuantizer
+from .quantizer import LEVEL_BITS, BayesianBitsQuantizer, Mode
 
 LOW = 0.9  # the band is [LOW, 1] x target
 ON_LOGIT = 0.0  # a gate switched on: above the eval threshold (gamma > −0.935)
@@ -175,7 +175,7 @@ def _fill(board: Board, total: float, limit: float, result: ProjectionResult) ->
 
 
 def _switchable_levels(q: BayesianBitsQuantizer) -> bool:
-    return not (q.fixed_bits or q.prune_only)
+    return q.mode is Mode.GATED
 
 
 def _bb_quantizers(model: nn.Module) -> dict[str, BayesianBitsQuantizer]:
@@ -192,7 +192,7 @@ def minimum_bops(model: nn.Module) -> float:
     layer with one channel (channel 0) left."""
 
     def bits(q: nn.Module) -> float:
-        return 2.0 if isinstance(q, BayesianBitsQuantizer) and _switchable_levels(q) else float(q.bit_width())
+        return 2.0 if isinstance(q, BayesianBitsQuantizer) and _switchable_levels(q) else bops.EVAL.bits(q)
 
     def keep(q: nn.Module) -> Tensor | None:
         if isinstance(q, BayesianBitsQuantizer) and q.gamma_2 is not None:
@@ -232,7 +232,7 @@ class ModelBoard:
         def bits(q: nn.Module) -> Tensor | float:
             name = names.get(id(q))
             if name is None or not _switchable_levels(q):
-                return float(q.bit_width())
+                return bops.EVAL.bits(q)
             if name not in bit_leaves:
                 bit_leaves[name] = torch.tensor(float(q.bit_width()), dtype=torch.float64, requires_grad=True)
             return bit_leaves[name]

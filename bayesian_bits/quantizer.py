@@ -1,9 +1,11 @@
-"""Quantizer modules: the Bayesian Bits gated quantizer and the fixed-bit quantizer of fine-tuning.
+"""Quantizer modules: the Bayesian Bits quantizer with learned gates, and the frozen quantizer of fine-tuning.
 
 Both call the fused operator of `bbkernels`; this file only decides gates, modes and ranges.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
@@ -12,12 +14,18 @@ import bbkernels
 from bbkernels.ladder import BITS, GATED_BITS
 
 from . import gates
-from .config import QuantConfig
 
 # The gated levels of the ladder (bbkernels/ladder.py); level `bits` has the gate logit `gamma_{bits}`, the name
 # checkpoints store it under.
 LEVEL_BITS = GATED_BITS
-FLOAT_BITS = 32  # bit width reported for float tensors (no quantizer, prune-only weights)
+
+
+class Mode(StrEnum):
+    """What a quantizer does to its tensor."""
+
+    GATED = "gated"  # the residual ladder 2→4→…→32, each doubling switched by a gate (SPEC B §1)
+    FIXED = "fixed"  # one bit width (--fixed-8bit / --fixed-48bit, overrides, fine-tuning; §1.11, §6.9)
+    FLOAT = "float"  # not quantized, only multiplied by its channel mask (--prune-only weights, §1.11 step 6)
 
 
 def _check_float(x: Tensor, who: str) -> None:
@@ -25,17 +33,28 @@ def _check_float(x: Tensor, who: str) -> None:
         raise TypeError(f"{who} quantizes floating-point tensors, got {x.dtype}; cast the input with .float()")
 
 
-def _channel_view(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape((-1,) + (1,) * (x.dim() - 1))
-
-
 class _Quantizer(nn.Module):
-    """Shared state: the learned clip bound `x_max` and the signedness (a buffer, mirrored as a Python bool)."""
+    """Shared state and the one fixed-bit / float path: the learned clip bound `x_max` and the signedness (a
+    buffer, mirrored as a Python bool so the operator never reads it from the device)."""
 
     def __init__(self, x_max: float, signed: bool, learn_range: bool) -> None:
         super().__init__()
         self.x_max = nn.Parameter(torch.tensor([float(x_max)]), requires_grad=learn_range)
         self.register_buffer("signed", torch.tensor(signed))
+
+    @property
+    def mode(self) -> Mode:
+        raise NotImplementedError
+
+    @property
+    def is_signed(self) -> bool:
+        """Whether the grid is symmetric around 0 (set by calibration: the data had negative values)."""
+        return self._signed
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the range has been set (always, for a frozen quantizer)."""
+        return True
 
     def _sync(self) -> None:
         """Refresh the Python mirrors of buffers (the operator takes Python values; no host sync per step)."""
@@ -45,10 +64,21 @@ class _Quantizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._sync()
 
+    def _fixed_or_float(self, x: Tensor, bits: int | None, mask: Tensor | None) -> Tensor:
+        """FIXED at `bits` (None: FLOAT), times the channel `mask` (0/1 or gates) when given."""
+        if bits is None:
+            return x if mask is None else x * mask.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+        return bbkernels.fixed_quantize(x, self.x_max, bits, mask, signed=self._signed)
+
 
 class BayesianBitsQuantizer(_Quantizer):
-    """Gated residual quantizer of one tensor (SPEC B §1): learned x_max, gates gamma_4…gamma_32, optional
-    per-output-channel pruning logits gamma_2.
+    """The quantizer of one tensor with learned gates (SPEC B §1): learned x_max, level gate logits gamma_4…gamma_32,
+    optional per-output-channel pruning logits gamma_2, in one of three modes:
+
+    - GATED: the Bayesian Bits residual ladder, each doubling switched on or off by its gate;
+    - FIXED at `fixed_bits` (the reference's fixed-bit modes): the level gates do nothing but are still regularised,
+      and the pruning gates act in the forward only when `prune_only` (§1.11 steps 5–7);
+    - FLOAT (prune-only weights): the tensor times its pruning gates, no quantization.
 
     Ranges are set by the first forward under `calibrate` (§1.2); using it earlier raises RuntimeError.
     In training the gates are hard-concrete samples, in eval 0/1 thresholds (§1.9); a gate whose logit
@@ -59,12 +89,19 @@ class BayesianBitsQuantizer(_Quantizer):
         self,
         channels: int | None = None,
         *,
-        gamma_inits: tuple[float, float, float, float] = (6.0, 6.0, 6.0, 6.0),
-        gating_method: str = "l0",
+        mode: Mode = Mode.GATED,
         fixed_bits: int | None = None,
         prune_only: bool = False,
+        gamma_inits: tuple[float, float, float, float] = (6.0, 6.0, 6.0, 6.0),
+        gating_method: str = "l0",
         learn_range: bool = True,
     ) -> None:
+        mode = Mode(mode)
+        if (mode is Mode.FIXED) != (fixed_bits is not None):
+            raise ValueError(f"BayesianBitsQuantizer: fixed_bits is the bit width of mode FIXED and only of it; got "
+                             f"mode={mode.value!r} with fixed_bits={fixed_bits}")
+        if fixed_bits is not None and fixed_bits not in BITS:
+            raise ValueError(f"BayesianBitsQuantizer: fixed_bits must be one of {BITS}, got {fixed_bits}")
         # Placeholders until calibration, as the reference's x_min = −10, x_max = 10 (§1.1).
         super().__init__(10.0, False, learn_range)
         self.register_buffer("x_min", torch.tensor([-10.0]))
@@ -74,12 +111,24 @@ class BayesianBitsQuantizer(_Quantizer):
         # gamma_2 starts at 6.0, hard-coded as in the reference (§1.11).
         self.gamma_2 = nn.Parameter(torch.full((channels,), 6.0)) if channels else None
         self.register_buffer("alive", torch.ones(len(LEVEL_BITS), dtype=torch.bool))  # the permanent skip ratchet
-        self.gating_method = gating_method
+        self._mode = mode
         self.fixed_bits = fixed_bits
-        self.prune_only = prune_only
+        # The reference's --prune-only: pruning gates act in FIXED mode too; FLOAT is prune-only by definition.
+        self.prune_only = prune_only or mode is Mode.FLOAT
+        self.gating_method = gating_method
         self.bop_weight: float | None = None  # MACs / max MACs under reg_type 'bop' (§3.2), else None
         self.calibrating: str | None = None  # set by `calibrate`: the module name, for error messages
         self._sync()
+
+    @property
+    def mode(self) -> Mode:
+        """GATED, FIXED or FLOAT (fixed at construction)."""
+        return self._mode
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `calibrate` (or a loaded state_dict) has set the range."""
+        return self._initialized
 
     def _sync(self) -> None:
         super()._sync()
@@ -87,9 +136,9 @@ class BayesianBitsQuantizer(_Quantizer):
 
     def extra_repr(self) -> str:
         channels = "" if self.gamma_2 is None else f"channels={self.gamma_2.numel()}, "
-        mode = f", fixed_bits={self.fixed_bits}" if self.fixed_bits else ""
-        mode += ", prune_only" if self.prune_only else ""
-        return f"{channels}signed={self._signed}, gating={self.gating_method}{mode}"
+        mode = f"{self.mode.value}" + (f"({self.fixed_bits})" if self.fixed_bits else "")
+        mode += ", prune_only" if self.prune_only and self.mode is Mode.FIXED else ""
+        return f"{channels}{mode}, signed={self._signed}, gating={self.gating_method}"
 
     @property
     def gammas(self) -> Tensor:
@@ -137,30 +186,25 @@ class BayesianBitsQuantizer(_Quantizer):
                 "once after building the model (or load a calibrated state_dict)"
             )
         g2 = self.channel_gates()
-        if self.fixed_bits:  # §1.11 steps 5–7: fixed-bit; pruning applies only in prune-only mode
-            mask = g2 if self.prune_only else None
-            return bbkernels.fixed_quantize(x, self.x_max, self.fixed_bits, mask, signed=self._signed)
-        if self.prune_only:  # float weights times the channel gates
-            return x if g2 is None else x * _channel_view(g2.to(x.dtype), x)
-        return bbkernels.bb_quantize(x, self.x_max, self.level_gates(), g2, signed=self._signed)
+        if self.mode is Mode.GATED:
+            return bbkernels.bb_quantize(x, self.x_max, self.level_gates(), g2, signed=self._signed)
+        return self._fixed_or_float(x, self.fixed_bits, g2 if self.prune_only else None)
 
     @torch.no_grad()
-    def bit_width(self) -> int:
-        """Eval bit width (§3.6): 2^(1 + number of leading eval gates that are on); fixed modes report theirs."""
-        if self.fixed_bits:
+    def bit_width(self) -> int | None:
+        """Eval bit width (§3.6): 2^(1 + number of leading eval gates that are on); FIXED its bits, FLOAT None."""
+        if self.mode is not Mode.GATED:
             return self.fixed_bits
-        if self.prune_only:
-            return FLOAT_BITS  # A2: prune-only weights are float, counted at 32 bits
         gammas = self.gammas
         on = gates.eval_gate(gammas) * (self.alive & (gammas > gates.SKIP_BELOW))
         return BITS[int(torch.cumprod(on, 0).sum())]
 
-    def expected_bits(self) -> Tensor:
+    def expected_bits(self) -> Tensor | None:
         """Differentiable E[bit width] under the gate probabilities, 2 + 2·q4 + 4·q4q8 + 8·q4q8q16 + 16·q4q8q16q32
-        (skipped gates count as off); the fixed modes give their bit width. Equals `bit_width` at 0/1 probabilities."""
+        (skipped gates count as off); FIXED gives its bits, FLOAT None. Equals `bit_width` at 0/1 probabilities."""
         gammas = self.gammas
-        if self.fixed_bits or self.prune_only:
-            return gammas.new_tensor(float(self.bit_width()))
+        if self.mode is not Mode.GATED:
+            return None if self.fixed_bits is None else gammas.new_tensor(float(self.fixed_bits))
         alive = torch.cumprod((self.alive & (gammas.detach() > gates.SKIP_BELOW)).to(gammas.dtype), 0)
         reach = torch.cumprod(gates.prob_on(gammas) * alive, 0)
         steps = reach.new_tensor([b // 2 for b in LEVEL_BITS])  # the bits each level adds
@@ -173,9 +217,9 @@ class BayesianBitsQuantizer(_Quantizer):
 
     @torch.no_grad()
     def applied_mask(self) -> Tensor | None:
-        """The eval mask the forward multiplies by: ``keep_mask``, except in fixed-bit mode without prune-only,
-        whose forward ignores the pruning gates (§1.11) although BOPs count them (§3.5)."""
-        return None if (self.fixed_bits and not self.prune_only) else self.keep_mask()
+        """The eval mask the forward multiplies by: ``keep_mask``, except in FIXED mode without prune-only, whose
+        forward ignores the pruning gates (§1.11) although BOPs count them (§3.5)."""
+        return self.keep_mask() if self.prune_only or self.mode is Mode.GATED else None
 
     def regularizer(self) -> Tensor:
         """R_q of §3.1: expected level costs, full bit width per level, times q2 (mean over channels) when pruning."""
@@ -188,33 +232,39 @@ class BayesianBitsQuantizer(_Quantizer):
 
 
 class FixedQuantizer(_Quantizer):
-    """Fixed-bit quantizer of fine-tuning (§6.9): y = mask·s_b·R(clip(x)/s_b) with learned x_max.
+    """The frozen quantizer of fine-tuning and export (§6.9): FIXED at `bits`, or FLOAT when `bits` is None, times a
+    fixed 0/1 channel mask; y = mask·s_b·R(clip(x)/s_b) with x_max still learned. No gates.
 
-    `bits` 0 means float (prune-only weights: mask only). Bits and mask are buffers, so checkpoints keep them.
+    Bits and mask are buffers, so checkpoints keep them (a FLOAT quantizer stores bits 0).
     """
 
-    def __init__(self, x_max: Tensor, *, signed: bool, bits: int, mask: Tensor | None = None) -> None:
+    def __init__(self, x_max: Tensor, *, signed: bool, bits: int | None, mask: Tensor | None = None) -> None:
+        if bits is not None and bits not in BITS:
+            raise ValueError(f"FixedQuantizer: bits must be one of {BITS} or None (float), got {bits}")
         super().__init__(float(x_max.detach().reshape(())), signed, True)
-        self.register_buffer("bits", torch.tensor(bits))
+        self.register_buffer("bits", torch.tensor(bits or 0))
         self.register_buffer("mask", None if mask is None else mask.detach().clone().float())
         self._sync()
 
     def _sync(self) -> None:
         super()._sync()
-        self._bits = int(self.bits)
+        self._bits = int(self.bits) or None
+
+    @property
+    def mode(self) -> Mode:
+        """FIXED, or FLOAT when the bit width is None."""
+        return Mode.FLOAT if self._bits is None else Mode.FIXED
 
     def extra_repr(self) -> str:
         return f"bits={self._bits or 'float'}, signed={self._signed}, pruned={self.mask is not None}"
 
     def forward(self, x: Tensor) -> Tensor:
         _check_float(x, type(self).__name__)
-        if not self._bits:
-            return x if self.mask is None else x * _channel_view(self.mask.to(x.dtype), x)
-        return bbkernels.fixed_quantize(x, self.x_max, self._bits, self.mask, signed=self._signed)
+        return self._fixed_or_float(x, self._bits, self.mask)
 
-    def bit_width(self) -> int:
-        """The fixed bit width (32 for float)."""
-        return self._bits or FLOAT_BITS
+    def bit_width(self) -> int | None:
+        """The fixed bit width, None for FLOAT."""
+        return self._bits
 
     def keep_mask(self) -> Tensor | None:
         """The fixed pruning mask, or None."""
@@ -228,31 +278,6 @@ class FixedQuantizer(_Quantizer):
 Quantizer = BayesianBitsQuantizer | FixedQuantizer
 
 
-def weight_quantizer(config: QuantConfig, channels: int, *, prune: bool = True) -> BayesianBitsQuantizer | None:
-    """The weight quantizer a layer with `channels` outputs gets under `config` (None without weight quantization).
-
-    `prune=False` for layers never pruned: the logits layer (which also ignores prune-only, as the reference's
-    ResNet-18 does, A2) and depthwise convs (A2).
-    """
-    if not config.weight_quant:
-        return None
-    return BayesianBitsQuantizer(
-        channels if (prune and config.include_pruning) else None,
-        gamma_inits=config.gamma_inits,
-        gating_method=config.gating_method,
-        fixed_bits=config.weight_fixed_bits,
-        prune_only=config.prune_only and prune,
-        learn_range=config.learned_scale == "range",
-    )
-
-
-def activation_quantizer(config: QuantConfig) -> BayesianBitsQuantizer | None:
-    """The quantizer of a layer output under `config` (None when outputs stay float)."""
-    if not config.quantize_acts:
-        return None
-    return BayesianBitsQuantizer(
-        gamma_inits=config.gamma_inits,
-        gating_method=config.gating_method,
-        fixed_bits=config.act_fixed_bits,
-        learn_range=config.learned_scale == "range",
-    )
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every quantizer of `model` (Bayesian Bits and frozen ones) with its module name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BayesianBitsQuantizer, FixedQuantizer))]

@@ -2,8 +2,8 @@
 reference README's MNIST flags otherwise and the same epochs for every run; the paper's point (0.36 %, 99.30 %) is
 marked.
 
-    python -m benchmarks.pareto_mnist --data-dir data --epochs 3 --targets 1.0 0.5 0.36 0.30 [--mus 0.1]
-        [--runs runs/pareto] [--out results/mnist/pareto] [--reuse]
+    python -m benchmarks.pareto_mnist --data-dir data --epochs 3 [--finetune-epochs 0]
+        [--targets 1.0 0.5 0.36 0.30] [--mus 0.1] [--runs runs/pareto] [--out results/mnist/pareto] [--reuse]
 
 Each run writes RUNS/target_P (or RUNS/mu_M); `--reuse` reads a run's summary.json instead of training it again
 when present. Writes OUT.csv and OUT.png. Real MNIST only (downloaded into --data-dir when missing).
@@ -29,7 +29,8 @@ README_FLAGS = ["--experiment", "mnist", "--model", "lenet5quantized", "--batch-
                 "--gamma-16-init", "-6", "--gamma-32-init", "-6", "--learned-scale", "range", "--include-pruning",
                 "--reg-type", "bop", "--learning-rate-q", "1e-3", "--learning-rate-s", "1e-3", "--optimizer-q", "Adam",
                 "--optimizer-s", "Adam"]
-FIELDS = ["kind", "setting", "epochs", "target_rel_bops", "relative_bops", "top1", "in_band", "wall_time_s", "logdir"]
+FIELDS = ["kind", "setting", "epochs", "finetune_epochs", "target_rel_bops", "relative_bops", "top1", "in_band",
+          "wall_time_s", "logdir"]
 
 
 def run_point(kind: str, value: str, args: argparse.Namespace) -> dict:
@@ -38,7 +39,8 @@ def run_point(kind: str, value: str, args: argparse.Namespace) -> dict:
     summary_path = logdir / "summary.json"
     if not (args.reuse and summary_path.exists()):
         extra = ["--target-rel-bops", value] if kind == "target" else ["--gating-lambda", value]  # the last one wins
-        code = cli_main(["train", *README_FLAGS, *extra, "--epochs", str(args.epochs), "--seed", str(args.seed),
+        code = cli_main(["train", *README_FLAGS, *extra, "--epochs", str(args.epochs),
+                         "--fixed-gate-finetune-epochs", str(args.finetune_epochs), "--seed", str(args.seed),
                          "--data-dir", args.data_dir, "--logdir", str(logdir), "--overwrite"])
         if code != 0:
             raise SystemExit(f"pareto_mnist: the run in {logdir} failed (exit status {code})")
@@ -47,13 +49,14 @@ def run_point(kind: str, value: str, args: argparse.Namespace) -> dict:
         raise SystemExit(f"pareto_mnist: {summary_path} is not a real-MNIST run")
     target = summary.get("target_rel_bops")
     rel = summary["relative_bops"]
-    return {"kind": kind, "setting": value, "epochs": summary["epochs"], "target_rel_bops": target,
+    return {"kind": kind, "setting": value, "epochs": summary["epochs"],
+            "finetune_epochs": summary["finetune_epochs"], "target_rel_bops": target,
             "relative_bops": rel, "top1": summary["top1"],
             "in_band": None if target is None else bool(0.9 * target <= rel <= target),
             "wall_time_s": round(summary["wall_time_s"], 1), "logdir": str(logdir)}
 
 
-def plot(rows: list[dict], path: Path, epochs: set[int]) -> None:
+def plot(rows: list[dict], path: Path, epochs: set[tuple[int, int]]) -> None:
     """Top-1 against relative BOPs (log x): budgeted runs with their targets, fixed-μ runs, the paper's point."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
@@ -77,8 +80,8 @@ def plot(rows: list[dict], path: Path, epochs: set[int]) -> None:
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("relative BOPs vs W32A32 (%), eval model")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"LeNet5 on MNIST, {'/'.join(str(e) for e in sorted(epochs))} epochs per run "
-                 "(shaded: [0.9, 1] x target)")
+    runs = "/".join(f"{e}" + (f" + {f} fine-tune" if f else "") for e, f in sorted(epochs))
+    ax.set_title(f"LeNet5 on MNIST, {runs} epochs per run (shaded: [0.9, 1] x target)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pareto_mnist", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="MNIST root (downloaded when missing)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of every run (default 3)")
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="fixed-gate fine-tuning epochs after the projection, every run (default 0)")
     parser.add_argument("--targets", nargs="*", default=["1.0", "0.5", "0.36", "0.30"],
                         help="relative BOP targets in %% (default 1.0 0.5 0.36 0.30)")
     parser.add_argument("--mus", nargs="*", default=[], help="fixed --gating-lambda values to add (default none)")
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.finetune_epochs < 0:
+        parser.error(f"--finetune-epochs must be at least 0, got {args.finetune_epochs}")
     for t in [*args.targets, *args.mus]:
         try:
             if not float(t) > 0:
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, out.with_suffix(".png"), {r["epochs"] for r in rows})
+    plot(rows, out.with_suffix(".png"), {(r["epochs"], r["finetune_epochs"]) for r in rows})
     for r in rows:
         print(f"{r['kind']} {r['setting']}: {r['relative_bops']:.4f} % BOPs, top-1 {r['top1']:.2f} %"
               + ("" if r["in_band"] is None else f", in band: {r['in_band']}"))

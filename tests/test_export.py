@@ -25,11 +25,11 @@ from bayesian_bits.export.graph import regions
 from bayesian_bits.export.layer import ExportLayer
 from bayesian_bits.export.onnx_qdq import STORAGE, WIDER, fit_storage, reachable_codes, to_onnx
 from bayesian_bits.export.packed import pack_bits, unpack_bits
-from bayesian_bits.export.quant import QuantSpec, TensorQuant
+from bayesian_bits.export.quant import QuantSpec, TensorQuant, spec_entry, spec_from_entry
 from bayesian_bits.finetune import convert_to_fixed
 from bayesian_bits.pipeline.errors import UsageError
 from bayesian_bits.pipeline.runner import quant_config
-from bayesian_bits.quantizer import FixedQuantizer
+from bayesian_bits.quantizer import FixedQuantizer, Mode
 
 onnx = pytest.importorskip("onnx")
 
@@ -276,6 +276,10 @@ def test_signed_extremes_past_the_grid_stay_exact() -> None:
     assert fit_storage(spec, -128, 127, widest=16) == ("INT8", 0)
     assert fit_storage(spec, -128, 128, widest=16) == ("INT16", 0)
     assert fit_storage(QuantSpec("gated", 2, True, 1.0), -1, 1, widest=16) == ("INT4", 0)
+    # Files store the mode as its string; a float spec has no bit width (older files wrote 32 there).
+    assert spec_from_entry(spec_entry(spec)) == spec and spec_entry(spec)["kind"] == "fixed"
+    assert spec_from_entry({"kind": "float", "bits": 32, "signed": False, "x_max": 1.0}) == \
+        QuantSpec(Mode.FLOAT, None, False, 1.0)
     linear = torch.nn.Linear(4, 3)
     with torch.no_grad():
         linear.weight.copy_(TensorQuant(spec)(torch.tensor([[0.7, 0.1, -0.3, 0.0]] * 3)))  # +0.6 → code 128

@@ -11,7 +11,7 @@ from torch import nn
 import bbkernels
 from bayesian_bits import gates
 from bayesian_bits.layers import QuantConv2d, QuantLinear
-from bayesian_bits.quantizer import BayesianBitsQuantizer, FixedQuantizer
+from bayesian_bits.quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode
 
 
 def calibrated(x: torch.Tensor, **kwargs) -> BayesianBitsQuantizer:
@@ -59,9 +59,9 @@ def test_fixed_gating_is_the_hard_sigmoid():
 def test_range_init_from_first_forward():
     w = torch.tensor([[-2.61, 0.5], [3.41, 1.0]])
     q = calibrated(w, channels=2)
-    assert q._signed and q.x_max.item() == pytest.approx(3.41) and float(q.x_min) == pytest.approx(-2.61)
+    assert q.is_signed and q.x_max.item() == pytest.approx(3.41) and float(q.x_min) == pytest.approx(-2.61)
     relu = calibrated(torch.rand(4, 3, 5, 5))
-    assert not relu._signed and float(relu.x_min) == 0.0
+    assert not relu.is_signed and float(relu.x_min) == 0.0
     with pytest.raises(ValueError, match="no positive value"):
         calibrated(-torch.rand(10))
 
@@ -119,7 +119,7 @@ def test_skip_rule_chain_and_permanence():
     # The ratchet survives a state_dict round trip.
     fresh = BayesianBitsQuantizer()
     fresh.load_state_dict(q.state_dict())
-    assert fresh.bit_width() == 8 and fresh._initialized and fresh._signed == q._signed
+    assert fresh.bit_width() == 8 and fresh.is_calibrated and fresh.is_signed == q.is_signed
 
 
 @pytest.mark.parametrize(
@@ -133,23 +133,44 @@ def test_eval_bit_width(inits, bits):
 def test_fixed_bit_and_prune_only_modes():
     torch.manual_seed(0)
     w = torch.randn(4, 3)
-    fixed = calibrated(w, channels=4, fixed_bits=4).eval()
+    fixed = calibrated(w, channels=4, mode=Mode.FIXED, fixed_bits=4).eval()
     torch.testing.assert_close(fixed(w), bbkernels.reference.fixed_quantize(w, fixed.x_max, 4, signed=True))
-    both = calibrated(w, channels=4, fixed_bits=8, prune_only=True).eval()
+    both = calibrated(w, channels=4, mode=Mode.FIXED, fixed_bits=8, prune_only=True).eval()
     both.gamma_2.data[1] = -5.0
     expect = bbkernels.reference.fixed_quantize(w, both.x_max, 8, torch.tensor([1.0, 0, 1, 1]), signed=True)
     torch.testing.assert_close(both(w), expect)
-    prune = calibrated(w, channels=4, prune_only=True).eval()
+    prune = calibrated(w, channels=4, mode=Mode.FLOAT).eval()
     prune.gamma_2.data[2] = -5.0
     torch.testing.assert_close(prune(w), w * torch.tensor([1.0, 1, 0, 1])[:, None])
-    assert prune.bit_width() == 32
+    assert prune.mode is Mode.FLOAT and prune.bit_width() is None and prune.prune_only  # float: no bit width
+
+
+def test_quantizer_modes_are_explicit():
+    with pytest.raises(ValueError, match="fixed_bits is the bit width of mode FIXED"):
+        BayesianBitsQuantizer(mode=Mode.FIXED)
+    with pytest.raises(ValueError, match="fixed_bits is the bit width of mode FIXED"):
+        BayesianBitsQuantizer(fixed_bits=8)
+    with pytest.raises(ValueError, match="fixed_bits must be one of"):
+        BayesianBitsQuantizer(mode=Mode.FIXED, fixed_bits=3)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        FixedQuantizer(torch.tensor([1.0]), signed=True, bits=0)
+    assert BayesianBitsQuantizer().mode is Mode.GATED
+    assert BayesianBitsQuantizer(mode="fixed", fixed_bits=4).mode is Mode.FIXED
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    flt = FixedQuantizer(torch.tensor([0.5]), signed=True, bits=None, mask=mask)
+    x = torch.randn(3, 4)
+    assert flt.mode is Mode.FLOAT and flt.bit_width() is None
+    assert torch.equal(flt(x), x * mask[:, None])  # float: not clipped to x_max, only masked
+    fresh = FixedQuantizer(torch.tensor([1.0]), signed=True, bits=8, mask=torch.ones(3))
+    fresh.load_state_dict(flt.state_dict())  # checkpoints store a float quantizer's bits as 0
+    assert fresh.mode is Mode.FLOAT and int(flt.state_dict()["bits"]) == 0
 
 
 def test_fixed_quantizer_keeps_bits_and_mask_in_state_dict():
     q = FixedQuantizer(torch.tensor([2.0]), signed=True, bits=4, mask=torch.tensor([1.0, 0.0]))
     fresh = FixedQuantizer(torch.tensor([1.0]), signed=False, bits=8, mask=torch.ones(2))
     fresh.load_state_dict(q.state_dict())
-    assert (fresh.bit_width(), fresh._signed, fresh.mask.tolist()) == (4, True, [1.0, 0.0])
+    assert (fresh.bit_width(), fresh.is_signed, fresh.mask.tolist()) == (4, True, [1.0, 0.0])
     x = torch.randn(2, 5)
     torch.testing.assert_close(fresh(x), bbkernels.reference.fixed_quantize(x, q.x_max, 4, q.mask, signed=True))
 
@@ -245,7 +266,7 @@ def test_quantized_layer_pipeline_order():
         layer(x)
     for q in (layer.weight_quantizer, layer.act_quantizer):
         q.calibrating = None
-    assert layer.weight_quantizer._signed and not layer.act_quantizer._signed
+    assert layer.weight_quantizer.is_signed and not layer.act_quantizer.is_signed
     layer.eval()
     y = layer(x)
     step = layer.act_quantizer.x_max.item() / 3  # unsigned 2-bit grid: 4 levels

@@ -212,4 +212,26 @@ def test_prune_only_works_on_every_model():  # A2: the reference crashed on LeNe
         model(torch.rand(shape)).sum().backward()
         report = bb.bop_report(model)
         assert report["act_bit_counts"] == {}
-        assert set(report["weight_bit_counts"]) == {"32"}  # float weights counted at 32 bits (A2)
+        # Float weights show as float (counted at 32 bits in BOPs, A2); the logits layer stays gated, at 32 bits.
+        assert report["weight_bit_counts"] == {"32": 1, "float": len(report["layers"]) - 1}
+
+
+def test_quantizers_lists_frozen_ones_and_reports_float_as_float():
+    config = bb.QuantConfig(include_pruning=True, prune_only=True)
+    model = calibrated("lenet5quantized", config, (2, 1, 28, 28)).eval()
+    before = bb.bop_report(model)
+    names = [n for n, _ in bb.quantizers(model)]
+    modes = {n: q.mode for n, q in bb.quantizers(model)}
+    assert modes["features.0.weight_quantizer"] is bb.Mode.FLOAT
+    assert modes["classifier.1.weight_quantizer"] is bb.Mode.GATED  # the logits layer ignores prune-only (A2)
+    bb.convert_to_fixed(model)
+    frozen = bb.quantizers(model)
+    assert [n for n, _ in frozen] == names and all(isinstance(q, bb.FixedQuantizer) for _, q in frozen)
+    assert {n: q.mode for n, q in frozen} == {**modes, "classifier.1.weight_quantizer": bb.Mode.FIXED}
+    after = bb.bop_report(model)
+    assert after["relative_bops"] == before["relative_bops"]
+    rows = {r["name"]: r for r in after["quantizers"]}
+    assert (rows["features.0.weight_quantizer"]["bits"], rows["features.0.weight_quantizer"]["mode"]) == \
+        ("float", "float")
+    assert rows["classifier.1.weight_quantizer"]["bits"] == 32
+    assert bb.format_report(after).split("\n")[2].split()[3] == "float"  # features.0's W column

@@ -134,7 +134,7 @@ def test_skip_and_overrides():
     assert conv2.weight is None
     bb.calibrate(model, torch.rand(2, 3, 8, 8))
     rows = {r["name"]: r for r in bb.bop_report(model)["layers"]}
-    assert rows["conv2"]["weight_bits"] == 32 and rows["stem"]["weight_bits"] == 8
+    assert rows["conv2"]["weight_bits"] == "float" and rows["stem"]["weight_bits"] == 8
 
 
 @pytest.mark.parametrize(("overrides", "match"), [

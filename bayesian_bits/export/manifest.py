@@ -12,8 +12,7 @@ from torch import nn
 
 from .. import checkpoint_io
 from ..bops import bop_report
-from ..calibration import quantizers
-from ..quantizer import FixedQuantizer
+from ..quantizer import quantizers
 from .graph import regions
 from .loader import Loaded
 from .quant import spec_of
@@ -56,7 +55,6 @@ def manifest(loaded: Loaded) -> dict[str, Any]:
             entry[kind] = None if q is None else tensor_entry(q)
         layers.append(entry)
     grouped = {f"{row['name']}.{kind}_quantizer" for row in report["layers"] for kind in ("weight", "act")}
-    fixed = [(n, m) for n, m in model.named_modules() if isinstance(m, FixedQuantizer)]
     return {
         "model": loaded.name,
         "bop_input_shape": list(loaded.mac_shape),
@@ -66,7 +64,7 @@ def manifest(loaded: Loaded) -> dict[str, Any]:
         "total_macs": report["total_macs"],
         "layers": layers,
         # Quantizers outside BOP accounting (tensors feeding residual adds, §4.2); still in the forward pass.
-        "ungrouped_tensors": {n: tensor_entry(q) for n, q in [*quantizers(model), *fixed] if n not in grouped},
+        "ungrouped_tensors": {n: tensor_entry(q) for n, q in quantizers(model) if n not in grouped},
     }
 
 

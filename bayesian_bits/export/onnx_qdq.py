@@ -31,6 +31,7 @@ from bbkernels.ladder import SHRINK
 from .. import checkpoint_io
 from ..errors import UsageError
 from ..prepare import activation_module
+from ..quantizer import Mode
 from .graph import trace
 from .layer import ExportLayer
 from .loader import Loaded
@@ -132,7 +133,7 @@ class _Builder:
 
     def quantize(self, x: str, spec: QuantSpec, name: str) -> str:
         """Q→DQ of an activation at its learned precision (Clip alone at 32 bits, nothing for float)."""
-        if spec.kind == "float":
+        if spec.kind is Mode.FLOAT:
             return x
         lo, hi = clip_bounds(spec)
         if spec.bits == 32:
@@ -153,7 +154,7 @@ class _Builder:
     def weight(self, w: Tensor, spec: QuantSpec | None, name: str) -> str:
         """A weight as integer codes + DequantizeLinear at its learned precision, else as fp32."""
         array = w.detach().numpy().astype(np.float32)
-        if spec is None or spec.kind == "float" or spec.bits == 32:
+        if spec is None or spec.kind is Mode.FLOAT or spec.bits == 32:
             return self.const(name, array)
         codes = np.rint(array / np.float32(spec.scale)).astype(np.int64)
         first, last = reachable_codes(spec)

@@ -11,7 +11,6 @@ at one end (SPEC B §1.5). Each tensor is checked when written; one that would n
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ from torch import Tensor
 from bbkernels.ladder import BITS
 
 from .. import checkpoint_io
+from ..quantizer import Mode
 from .loader import Loaded, read_export
-from .pruned import ExportPlan, LayerSpec, assemble, export_plan, spec_from_entry
-from .quant import QuantSpec, TensorQuant
+from .pruned import ExportPlan, LayerSpec, assemble, export_plan
+from .quant import QuantSpec, TensorQuant, spec_entry, spec_from_entry
 
 FORMAT = "bayesian-bits-packed"
 VERSION = 3
@@ -62,7 +62,7 @@ def decode(codes: Tensor, offset: int, spec: QuantSpec, shape: tuple[int, ...]) 
 def encode(weight: Tensor, spec: QuantSpec | None) -> tuple[Tensor, int] | None:
     """Eval weight → packed codes and the offset of code 0 (the lowest grid index), or None when it stays fp32
     (float, 32-bit, more than 2^b grid points in use, or not exactly decodable)."""
-    if spec is None or spec.kind == "float" or spec.bits not in PACKED_BITS or not weight.numel():
+    if spec is None or spec.kind is Mode.FLOAT or spec.bits not in PACKED_BITS or not weight.numel():
         return None
     n = torch.round(weight / spec.scale).to(torch.int64)
     offset = int(n.min())
@@ -82,19 +82,19 @@ def pack(loaded: Loaded) -> dict[str, Any]:
         layers.append({
             "name": spec.name,
             "shape": list(spec.weight.shape),
-            "weight_quant": None if spec.weight_quant is None else asdict(spec.weight_quant),
+            "weight_quant": spec_entry(spec.weight_quant),
             "scale": None if spec.weight_quant is None else spec.weight_quant.scale,
             "codes": codes,
             "offset": offset,
             "weight": spec.weight if codes is None else None,
             "bias": spec.bias,
             "bias_map": spec.bias_map,
-            "act_quant": None if spec.act_quant is None else asdict(spec.act_quant),
+            "act_quant": spec_entry(spec.act_quant),
             "kept": spec.kept,
         })
     return {"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
             "input_shape": list(loaded.input_shape), "layers": layers,
-            "quantizers": {name: asdict(spec) for name, spec in plan.quantizers.items()}}
+            "quantizers": {name: spec_entry(spec) for name, spec in plan.quantizers.items()}}
 
 
 def export_packed(loaded: Loaded, out: str | Path) -> str:
@@ -110,7 +110,7 @@ def export_packed(loaded: Loaded, out: str | Path) -> str:
 def load_packed(path: str | Path, skeleton: torch.nn.Module | None = None) -> torch.nn.Module:
     """Rebuild the pruned eval model from a packed file (see ``loader.read_export`` for ``skeleton`` and errors)."""
     data, skeleton = read_export(path, "packed", FORMAT, VERSION, skeleton)
-    plan = ExportPlan([], {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
+    plan = ExportPlan([], {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()})
     for layer in data["layers"]:
         wq = spec_from_entry(layer["weight_quant"])
         shape = tuple(layer["shape"])

@@ -16,9 +16,8 @@ map (zero padding makes border positions see less of it), so the result equals t
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +28,7 @@ from ..layers import QuantLayer
 from .graph import QUANTIZERS, Region, regions
 from .layer import ExportLayer, plain_op
 from .loader import Loaded, read_export
-from .quant import QuantSpec, TensorQuant, spec_of
+from .quant import QuantSpec, TensorQuant, spec_entry, spec_from_entry, spec_of
 
 FORMAT = "bayesian-bits-pruned"
 VERSION = 1
@@ -96,7 +95,7 @@ def _carry(layer: QuantLayer, x: Tensor, weight: Tensor, bias: Tensor, feeding: 
     else:
         removed = x.reshape(1, channels, -1).clone()
         removed[:, kept_in] = 0  # what remains: the input-independent values of removed channels
-    constant = layer._op(removed.reshape(x.shape), weight, None)[0]
+    constant = layer.op(removed.reshape(x.shape), weight, None)[0]
     flat = constant.reshape(-1, constant.shape[-1]).T if per_position else constant.reshape(constant.shape[0], -1)
     per_channel = weight.reshape(weight.shape[0], channels, -1)[:, kept_in]
     weight = per_channel.reshape(weight.shape[0], -1, *weight.shape[2:])
@@ -155,14 +154,6 @@ def pruned_model(loaded: Loaded) -> nn.Module:
     return assemble(loaded.model, export_plan(loaded))
 
 
-def spec_entry(spec: QuantSpec | None) -> dict[str, Any] | None:
-    return None if spec is None else asdict(spec)
-
-
-def spec_from_entry(entry: dict[str, Any] | None) -> QuantSpec | None:
-    return None if entry is None else QuantSpec(**entry)
-
-
 def export_pruned(loaded: Loaded, out: str | Path) -> str:
     """Write the pruned model's plan (tensors and plain data, with a digest); ``load_pruned`` rebuilds it."""
     plan = export_plan(loaded)
@@ -172,7 +163,7 @@ def export_pruned(loaded: Loaded, out: str | Path) -> str:
               for s in plan.layers]
     checkpoint_io.save({"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
                         "input_shape": list(loaded.input_shape), "layers": layers,
-                        "quantizers": {name: asdict(spec) for name, spec in plan.quantizers.items()}}, out)
+                        "quantizers": {name: spec_entry(spec) for name, spec in plan.quantizers.items()}}, out)
     return f"wrote {out}: pruned float model, {layer_parameters(model):,} parameters " \
            f"(unpruned eval model {layer_parameters(loaded.model):,})"
 
@@ -183,7 +174,7 @@ def load_pruned(path: str | Path, skeleton: nn.Module | None = None) -> nn.Modul
     data, skeleton = read_export(path, "pruned", FORMAT, VERSION, skeleton)
     plan = ExportPlan([LayerSpec(e["name"], e["weight"], e["bias"], e["bias_map"], spec_from_entry(e["weight_quant"]),
                                  spec_from_entry(e["act_quant"]), e["kept"]) for e in data["layers"]],
-                      {name: QuantSpec(**spec) for name, spec in data["quantizers"].items()})
+                      {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()})
     return assemble(skeleton, plan)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,41 +11,50 @@ from torch import Tensor, nn
 import bbkernels
 from bbkernels import reference
 
-from ..quantizer import FLOAT_BITS, LEVEL_BITS, BayesianBitsQuantizer, FixedQuantizer
+from ..quantizer import LEVEL_BITS, BayesianBitsQuantizer, FixedQuantizer, Mode
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """An eval-mode quantizer: 'gated' (Bayesian Bits levels up to ``bits``), 'fixed' (one ``bits`` level) or
-    'float' (no quantization, e.g. prune-only weights); ``x_max`` and ``signed`` as learned/calibrated."""
+    """An eval-mode quantizer: GATED (Bayesian Bits levels up to ``bits``), FIXED (one ``bits`` level) or FLOAT (no
+    quantization, ``bits`` None: prune-only weights); ``x_max`` and ``signed`` as learned/calibrated."""
 
-    kind: Literal["gated", "fixed", "float"]
-    bits: int
+    kind: Mode
+    bits: int | None
     signed: bool
     x_max: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Mode(self.kind))
+        if self.kind is Mode.FLOAT:  # files written before FLOAT had no bit width stored 32
+            object.__setattr__(self, "bits", None)
 
     @property
     def scale(self) -> float | None:
         """Grid step s_b = s_2 / c_b (SPEC B §1.5) in fp32, None for float tensors."""
-        if self.kind == "float":
+        if self.kind is Mode.FLOAT:
             return None
         steps = reference.scales(torch.tensor(self.x_max, dtype=torch.float32), self.signed)
         return float(steps[reference.level_index(self.bits)])
+
+
+def spec_entry(spec: QuantSpec | None) -> dict[str, Any] | None:
+    """A spec as plain data for an export file (the mode as its string; None stays None)."""
+    return None if spec is None else {"kind": spec.kind.value, "bits": spec.bits, "signed": spec.signed,
+                                      "x_max": spec.x_max}
+
+
+def spec_from_entry(entry: dict[str, Any] | None) -> QuantSpec | None:
+    """The spec of a `spec_entry` (None stays None)."""
+    return None if entry is None else QuantSpec(**entry)
 
 
 def spec_of(q: nn.Module) -> QuantSpec:
     """The eval-mode behaviour of a Bayesian Bits, fixed or already exported quantizer."""
     if isinstance(q, TensorQuant):
         return q.spec
-    x_max, signed = float(q.x_max.detach()), q._signed
-    if isinstance(q, BayesianBitsQuantizer):
-        if q.fixed_bits:
-            return QuantSpec("fixed", q.fixed_bits, signed, x_max)
-        if q.prune_only:
-            return QuantSpec("float", FLOAT_BITS, signed, x_max)
-        return QuantSpec("gated", q.bit_width(), signed, x_max)
-    if isinstance(q, FixedQuantizer):
-        return QuantSpec("fixed", q._bits, signed, x_max) if q._bits else QuantSpec("float", FLOAT_BITS, signed, x_max)
+    if isinstance(q, (BayesianBitsQuantizer, FixedQuantizer)):
+        return QuantSpec(q.mode, q.bit_width(), q.is_signed, float(q.x_max.detach()))
     raise TypeError(f"not a quantizer: {type(q).__name__}")
 
 
@@ -56,15 +65,15 @@ class TensorQuant(nn.Module):
         super().__init__()
         self.spec = spec
         self.register_buffer("x_max", torch.tensor([spec.x_max], dtype=torch.float32))
-        gates = [1.0 if level <= spec.bits else 0.0 for level in LEVEL_BITS]
+        gates = [1.0 if spec.bits is not None and level <= spec.bits else 0.0 for level in LEVEL_BITS]
         self.register_buffer("gates", torch.tensor(gates))
 
     def extra_repr(self) -> str:
-        return f"{self.spec.kind}, bits={self.spec.bits}, signed={self.spec.signed}"
+        return f"{self.spec.kind.value}, bits={self.spec.bits}, signed={self.spec.signed}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.spec.kind == "float":
+        if self.spec.kind is Mode.FLOAT:
             return x
-        if self.spec.kind == "fixed":
+        if self.spec.kind is Mode.FIXED:
             return bbkernels.fixed_quantize(x, self.x_max, self.spec.bits, signed=self.spec.signed)
         return bbkernels.bb_quantize(x, self.x_max, self.gates, signed=self.spec.signed)

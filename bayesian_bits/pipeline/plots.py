@@ -27,8 +27,16 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
     ax = fig.subplots()
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [row.get("weight_bits") or 0 for row in layers], width, label="weight bits")
-    ax.bar([x + width / 2 for x in xs], [row.get("act_bits") or 0 for row in layers], width, label="activation bits")
+    for offset, key, label, color in ((-width / 2, "weight_bits", "weight bits", "C0"),
+                                      (width / 2, "act_bits", "activation bits", "C1")):
+        values = [row.get(key) for row in layers]
+        quantized = [(x, v) for x, v in zip(xs, values, strict=True) if isinstance(v, (int, float))]
+        if quantized:
+            ax.bar([x + offset for x, _ in quantized], [v for _, v in quantized], width, label=label, color=color)
+        floats = [x + offset for x, v in zip(xs, values, strict=True) if v == "float"]
+        if floats:  # drawn to the top of the axis, hatched: no bit width
+            ax.bar(floats, [BITS[-1]] * len(floats), width, color="white", edgecolor=color, hatch="//",
+                   label=f"{label.split()[0]} float (not quantized)")
     bare = [x for x, row in zip(xs, layers, strict=True) if row.get("act_bits") is None]
     if bare:
         ax.plot([x + width / 2 for x in bare], [0.85 * BITS[0]] * len(bare), "kx", label="no activation quantizer")
@@ -42,16 +50,20 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     kept.set_ylim(0, 1.05)
     kept.set_ylabel("fraction of output channels kept")
     handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
-    _legend_above(ax, handles)
-    ax.set_title(title, pad=28)
+    ax.set_title(title, pad=_legend_above(ax, handles))
     fig.tight_layout()
     _save(fig, path)
 
 
-def _legend_above(ax: Any, handles: list[Any]) -> None:
-    """One legend for both axes, in a row above the plot (never over the data)."""
+LEGEND_COLUMNS = 3
+
+
+def _legend_above(ax: Any, handles: list[Any]) -> int:
+    """One legend for both axes, in rows of at most LEGEND_COLUMNS above the plot (never over the data); returns
+    the title padding (points) that clears it."""
     ax.legend(handles, [h.get_label() for h in handles], loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              ncols=len(handles), fontsize=8, frameon=False)
+              ncols=min(len(handles), LEGEND_COLUMNS), fontsize=8, frameon=False)
+    return 14 + 14 * -(-len(handles) // LEGEND_COLUMNS)
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -80,8 +92,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> No
     handles = ax.get_legend_handles_labels()[0] + bops.get_legend_handles_labels()[0]
     if finetune:
         handles.append(ax.axvline(min(finetune) - 0.5, color="k", linestyle="--", label="fine-tuning starts"))
-    _legend_above(ax, handles)
-    ax.set_title(title, pad=28)
+    ax.set_title(title, pad=_legend_above(ax, handles))
     fig.tight_layout()
     _save(fig, path)
 

@@ -18,6 +18,7 @@ from ..checkpoint_io import write_atomic
 BITS_PNG = "bits_per_layer.png"
 CURVES_PNG = "training_curves.png"
 BUDGET_PNG = "budget.png"
+NO_ACT_LABEL = "no activation quantizer"
 
 
 def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -39,7 +40,7 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
                    label=f"{label.split()[0]} float (not quantized)")
     bare = [x for x, row in zip(xs, layers, strict=True) if row.get("act_bits") is None]
     if bare:
-        ax.plot([x + width / 2 for x in bare], [0.85 * BITS[0]] * len(bare), "kx", label="no activation quantizer")
+        ax.plot([x + width / 2 for x in bare], [0.85 * BITS[0]] * len(bare), "kx", label=NO_ACT_LABEL)
     ax.set_yscale("log", base=2)
     ax.set_yticks(list(BITS), [str(b) for b in BITS])
     ax.set_ylim(0.75 * BITS[0], 1.5 * BITS[-1])
@@ -50,6 +51,7 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     kept.set_ylim(0, 1.05)
     kept.set_ylabel("fraction of output channels kept")
     handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
+    handles.sort(key=lambda h: h.get_label() == NO_ACT_LABEL)  # the bars' entries first
     ax.set_title(title, pad=_legend_above(ax, handles))
     fig.tight_layout()
     _save(fig, path)

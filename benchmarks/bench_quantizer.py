@@ -115,7 +115,10 @@ def run_point(fn: Callable[..., Tensor], case: Case, mode: str, device: str, rep
 
 
 def parse_sizes(text: str) -> list[int]:
+    """'16-24' → 16…24, '22' → [22]; ValueError for anything else."""
     lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and (hi.isdigit() or not hi)) or int(hi or lo) < int(lo):
+        raise ValueError(text)
     return list(range(int(lo), int(hi or lo) + 1))
 
 
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", default=None, help="comma-separated subset of providers (default all)")
     parser.add_argument("--csv", type=Path, default=Path("bench_out/quantizer.csv"), help="CSV output path")
     args = parser.parse_args(argv)
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError:
+        parser.error(f"--sizes: expected log2 element counts as A-B or A (e.g. 16-24 or 22), got {args.sizes!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         table = {k: v for k, v in table.items() if k in args.providers.split(",")}
 
     rows = []
-    for log2n in parse_sizes(args.sizes):
+    for log2n in sizes:
         for kind in args.kinds.split(","):
             case = make_case(log2n, kind, args.device)
             for mode in args.modes.split(","):

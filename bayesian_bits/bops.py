@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import gates
 from .dataflow import FLOAT_BITS, Slice, Term, dataflow, unwrap
-from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode, quantizers
 
 BASELINE_BITS = FLOAT_BITS * FLOAT_BITS  # relative BOPs are against W32A32
 
@@ -235,8 +235,7 @@ def bop_report(model: nn.Module) -> dict:
             "weight": None if weight_q is None else _quantizer_row(term.weight, weight_q),
             "act": None if act_q is None else _quantizer_row(f"{term.name}.act_quantizer", act_q),
         })
-    quantizer_rows = [_quantizer_row(n, m) for n, m in inner.named_modules()
-                      if isinstance(m, (BayesianBitsQuantizer, FixedQuantizer))]
+    quantizer_rows = [_quantizer_row(n, m) for n, m in quantizers(inner)]
     weight_counts = Counter(str(r["bits"]) for r in quantizer_rows if r["name"].endswith("weight_quantizer"))
     act_counts = Counter(str(r["bits"]) for r in quantizer_rows if not r["name"].endswith("weight_quantizer"))
     baseline = baseline_bops(model)

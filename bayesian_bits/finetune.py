@@ -19,9 +19,9 @@ def convert_to_fixed(model: nn.Module) -> nn.Module:
     """Turn a calibrated (trained) Bayesian Bits model into its fixed-gate version, in place, and return it.
 
     Every Bayesian Bits quantizer becomes a `FixedQuantizer` with its eval bit width (FLOAT stays float), the eval
-    prune mask (fixed) and
-    its x_max (a fresh parameter that keeps learning); the gammas disappear. Every folded BN is folded
-    statically into its conv or linear layer (weight W·γ/σ_run, bias β − γ·μ_run/σ_run), freezing its statistics.
+    prune mask (fixed) and its x_max (a fresh parameter that keeps learning); the gammas disappear. Every folded BN
+    is folded statically into its conv or linear layer (weight W·γ/σ_run, bias β − γ·μ_run/σ_run), freezing its
+    statistics.
     Build optimizers after calling this.
     """
     if not any(isinstance(q, BayesianBitsQuantizer) for q in model.modules()):

@@ -104,6 +104,7 @@ def _carry(layer: QuantLayer, x: Tensor, weight: Tensor, bias: Tensor, feeding: 
     bias_shape = (-1,) if per_position else (-1, *(1,) * (constant.dim() - 1))
     return weight, torch.zeros_like(bias), constant + bias.reshape(bias_shape)
 
+
 @torch.no_grad()
 def export_plan(loaded: Loaded) -> ExportPlan:
     """The pruned layers of an eval model, with the constants of removed channels carried forward."""

@@ -128,12 +128,19 @@ def _check_spec(spec: str) -> None:
 
 
 def resolve_float_model(spec: str, *, pretrained: bool = False, num_classes: int | None = None,
-                        in_channels: int | None = None) -> nn.Module:
+                        in_channels: int | None = None, weights: str | Path | None = None) -> nn.Module:
     """The float model of a model spec: a paper name (`build_float_model`), ``torchvision:<builder>`` (any
     ``torchvision.models`` builder; ``pretrained`` loads its default weights, all but a head of another class
-    count) or ``package.module:callable``
-    (imported from ``sys.path``; called with ``num_classes``/``in_channels`` where its signature takes them).
-    A bad spec is a ``ValueError`` saying which form to use."""
+    count) or ``package.module:callable`` (imported from ``sys.path``; called with ``num_classes``/``in_channels``
+    where its signature takes them); then float ``weights`` loaded (`load_float_weights`). A bad spec or weights
+    file is a ``ValueError`` saying what to use."""
+    model = _spec_model(spec, pretrained, num_classes, in_channels)
+    if weights is not None:
+        load_float_weights(model, weights)
+    return model
+
+
+def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channels: int | None) -> nn.Module:
     if is_paper_model(spec):
         return build_float_model(spec, pretrained=pretrained, num_classes=num_classes)
     if spec.startswith(TORCHVISION_PREFIX):
@@ -197,7 +204,6 @@ def build_model(name: str, config: QuantConfig | None = None, *, pretrained: boo
         if not is_paper_model(name):
             raise ValueError(f"model {name!r}: pass input_shape=(C, H, W), the shape of one training image")
         input_shape = MODELS[name].input_shape
-    model = resolve_float_model(name, pretrained=pretrained, num_classes=num_classes, in_channels=input_shape[0])
-    if weights is not None:
-        load_float_weights(model, weights)
+    model = resolve_float_model(name, pretrained=pretrained, num_classes=num_classes, in_channels=input_shape[0],
+                                weights=weights)
     return prepare(model, torch.zeros(1, *input_shape), config, skip=skip, overrides=overrides)

@@ -19,6 +19,7 @@ BITS_PNG = "bits_per_layer.png"
 CURVES_PNG = "training_curves.png"
 BUDGET_PNG = "budget.png"
 NO_ACT_LABEL = "no activation quantizer"
+LEGEND_COLUMNS = 3
 
 
 def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -55,9 +56,6 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     ax.set_title(title, pad=_legend_above(ax, handles))
     fig.tight_layout()
     _save(fig, path)
-
-
-LEGEND_COLUMNS = 3
 
 
 def _legend_above(ax: Any, handles: list[Any]) -> int:

@@ -26,7 +26,7 @@ from ..calibration import calibrate, freeze_batch_norm
 from ..errors import CheckpointError, NonFiniteError
 from ..experiments import Experiment, get_experiment, quant_config
 from ..finetune import convert_to_fixed
-from ..models import load_float_weights, resolve_float_model
+from ..models import resolve_float_model
 from ..prepare import prepare
 from ..regularizer import regularizer
 from . import checkpoint, plots
@@ -182,6 +182,8 @@ class Run:
         self.mac_shape = tuple(args.dataset["mac_shape"])
         self.model = self.prepared_model(starting_weights=self.ckpt is None)
         self.model.to(self.env.device)
+        # Compiled once; convert_to_fixed changes the model in place, and the compiled module recompiles for it.
+        self.eval_model = torch.compile(self.model) if args.compile else self.model
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(args.seed))
         images = torch.stack([self.train_set[int(i)][0] for i in order[:CALIBRATION_IMAGES]])
         calibrate(self.model, images.to(self.env.device))
@@ -198,18 +200,14 @@ class Run:
         args = self.args
         try:
             model = resolve_float_model(args.model, pretrained=args.pretrained and starting_weights,
-                                        num_classes=args.dataset["num_classes"], in_channels=self.mac_shape[1])
-        except ValueError as exc:
+                                        num_classes=args.dataset["num_classes"], in_channels=self.mac_shape[1],
+                                        weights=args.weights if starting_weights else None)
+        except ValueError as exc:  # messages start with "model …" or "weights …", the flag's name
             raise UsageError(f"--{exc}") from None
         except RuntimeError as exc:  # pretrained weights that cannot be fetched
             if not args.pretrained:
                 raise
             raise UsageError(f"--pretrained: {exc}") from None
-        if args.weights is not None and starting_weights:
-            try:
-                load_float_weights(model, args.weights)
-            except ValueError as exc:
-                raise UsageError(f"--{exc}") from None
         try:
             return prepare(model, torch.zeros(self.mac_shape), quant_config(args), skip=args.skip,
                            overrides=parse_overrides(args.override))
@@ -337,8 +335,7 @@ class Run:
     def evaluate(self, tag: str) -> tuple[float, dict[str, Any]]:
         report = self.report()
         self.log.line(format_report(report))
-        model = torch.compile(self.model) if self.args.compile else self.model
-        top1 = evaluate(model, self.val_loader, self.env, self.amp_dtype)
+        top1 = evaluate(self.eval_model, self.val_loader, self.env, self.amp_dtype)
         self.log.line(f"{tag} Top-1-accuracy: {top1:.2f} %")
         self.last_top1 = top1
         return top1, report

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,12 +55,7 @@ def eval_forward(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], N
 
 def first_call_s(fn: Callable[[], None], device: str, calls: int = 2) -> float:
     """Seconds of the first `calls` calls (compilation, including a recompile on the second call if any)."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return sum(harness.measure(fn, device=device, warmup=0, reps=calls).samples_ms) / 1e3
 
 
 def bench(name: str, steps: int, device: str, batch: int | None) -> list[dict]:

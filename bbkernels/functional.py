@@ -1,4 +1,4 @@
-"""The public operator: validate, pick the backend, call the custom op (or the reference)."""
+"""The public operator: check the arguments' types, pick the backend, call the custom op (or the reference)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from .ops import quantize, quantize_on
 def _call(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int,
           backend: str | None) -> Tensor:  # fmt: skip
     name = resolve_backend(x.device, backend)
-    if name == "reference":  # differentiated by autograd through the reference itself
+    if name == "reference":  # differentiated by autograd through the reference itself, so checked here
+        validation.check_operands(x, x_max, gates, g2, signed, bits)
         validation.check_values(x_max, gates)
         return reference.forward(x, x_max, gates, g2, signed, bits)
     if backend is None:  # the op's per-device registration applies the same policy
@@ -44,8 +45,8 @@ def bb_quantize(
     Returns y with x's shape and dtype; gradients are straight-through (SPEC B §10.3). A NaN in x
     gives NaN in that element of y (and NaN reductions in the x_max, gate and g2 gradients).
     """
-    if not torch.compiler.is_compiling():  # traced, the op's fake implementation checks the same
-        validation.check_operands(x, x_max, gates, g2, signed, 0)
+    if not torch.compiler.is_compiling():  # the op checks the rest (traced: its fake implementation)
+        validation.check_types(x, x_max, gates, g2, signed, "g2")
     return _call(x, x_max, gates, g2, signed, 0, backend)
 
 
@@ -64,5 +65,5 @@ def fixed_quantize(
     """
     if not torch.compiler.is_compiling():
         validation.check_bits(bits)
-        validation.check_operands(x, x_max, None, mask, signed, bits, channel="mask")
+        validation.check_types(x, x_max, None, mask, signed, "mask")
     return _call(x, x_max, None, mask, signed, bits, backend)

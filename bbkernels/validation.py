@@ -1,4 +1,5 @@
-"""The operator's contract, checked by the public functions and by every implementation of the custom ops.
+"""The operator's contract, checked by every implementation of the custom ops (the public functions check the
+Python types first, and the whole contract on the reference path, which bypasses the ops).
 
 Checks are `torch._check_*` calls (ValueError / TypeError naming the argument and the fix), so they also run on
 fake tensors under torch.compile. `check_values` reads x_max and the gates, so only real implementations call it.
@@ -24,6 +25,13 @@ def _floating(name: str, value: object) -> Tensor:
         lambda: f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {value.dtype}",
     )
     return value
+
+
+def _tensor(name: str, value: object, optional: bool = False) -> None:
+    torch._check_type(
+        isinstance(value, Tensor) or (optional and value is None),
+        lambda: f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(value).__name__}",
+    )
 
 
 def _same_device(name: str, value: Tensor, x: Tensor) -> None:
@@ -111,15 +119,23 @@ def check_grad(grad: object, x: Tensor) -> Tensor:
     return grad
 
 
-def check_operands(
-    x: object, x_max: object, gates: object, g2: object, signed: object, bits: object, channel: str = "g2"
-) -> None:
-    """Everything but the values of the op's arguments (bits = 0: gated chain; `channel` names g2 in errors)."""
+def check_operands(x: object, x_max: object, gates: object, g2: object, signed: object, bits: object) -> None:
+    """Everything but the values of the op's arguments (bits = 0: gated chain, else g2 is the fixed mask)."""
     x = check_x(x)
     check_x_max(x_max, x)
     bits = check_bits(bits, OP_BITS)
     check_gates(gates, x, bits)
-    check_channel_vector(channel, g2, x)
+    check_channel_vector("mask" if bits else "g2", g2, x)
+    check_signed(signed)
+
+
+def check_types(x: object, x_max: object, gates: object, g2: object, signed: object, channel: str) -> None:
+    """The Python types of a public call's arguments, which the op's schema would reject without naming the fix;
+    the op checks the rest (`check_operands`). `channel` names g2 in errors."""
+    _tensor("x", x)
+    _tensor("x_max", x_max)
+    _tensor("gates", gates, optional=True)
+    _tensor(channel, g2, optional=True)
     check_signed(signed)
 
 

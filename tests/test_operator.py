@@ -296,6 +296,9 @@ def test_torch_compile_sees_one_op_without_graph_breaks(device, backend):
 def test_bad_input_names_the_argument():
     x, x_max, gates = torch.randn(4, 5), torch.tensor(1.0), torch.ones(4)
     cases = [
+        (TypeError, r"x must be a torch\.Tensor", dict(x=[[1.0] * 5] * 4)),
+        (TypeError, r"x_max must be a torch\.Tensor", dict(x_max=1.0)),
+        (TypeError, r"gates must be a torch\.Tensor", dict(gates=[1.0] * 4)),
         (TypeError, "x", dict(x=torch.ones(4, 5, dtype=torch.int32))),
         (TypeError, "x", dict(x=x.double())),
         (ValueError, "x is empty", dict(x=torch.randn(0, 5))),
@@ -310,14 +313,17 @@ def test_bad_input_names_the_argument():
         (TypeError, "signed", dict(signed=1)),
         (ValueError, "backend", dict(backend="fpga")),
     ]
-    for err, text, change in cases:
-        args = dict(x=x, x_max=x_max, gates=gates, g2=None, signed=True, backend=None) | change
-        with pytest.raises(err, match=text):
-            bbkernels.bb_quantize(args.pop("x"), args.pop("x_max"), args.pop("gates"), args.pop("g2"), **args)
-    with pytest.raises(ValueError, match="bits"):
-        bbkernels.fixed_quantize(x, x_max, 3, signed=True)
-    with pytest.raises(ValueError, match="mask"):
-        bbkernels.fixed_quantize(x, x_max, 8, torch.ones(3), signed=True)
+    for backend in (None, "reference"):  # the op checks, or (reference) the public function alone
+        for err, text, change in cases:
+            args = dict(x=x, x_max=x_max, gates=gates, g2=None, signed=True, backend=backend) | change
+            with pytest.raises(err, match=text):
+                bbkernels.bb_quantize(args.pop("x"), args.pop("x_max"), args.pop("gates"), args.pop("g2"), **args)
+        with pytest.raises(ValueError, match="bits"):
+            bbkernels.fixed_quantize(x, x_max, 3, signed=True, backend=backend)
+        with pytest.raises(ValueError, match="mask"):
+            bbkernels.fixed_quantize(x, x_max, 8, torch.ones(3), signed=True, backend=backend)
+        with pytest.raises(TypeError, match=r"mask must be a torch\.Tensor"):
+            bbkernels.fixed_quantize(x, x_max, 8, [1.0] * 4, signed=True, backend=backend)
 
 
 def test_backend_selection(monkeypatch):

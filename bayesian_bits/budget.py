@@ -25,19 +25,24 @@ from .projection import LOW, ProjectionResult, gate_saliency, minimum_bops, proj
 
 DEFAULT_MU = 0.1  # initial μ when none is given: the reference README's MNIST --gating-lambda
 MU_RANGE = (1e-6, 1e3)  # μ is kept inside: a guard against wind-up while the gates cannot follow
-MAX_VIOLATION = 1.0  # |expected / reference − 1| is clipped to this before each update
-RATE_PER_EPOCH = 0.5  # `for_training`: the most log μ moves in one epoch (at a clipped violation)
+MAX_VIOLATION = 1.0  # |predicted / reference − 1| is clipped to this before each update
+DOWN_GAIN = 4.0  # μ falls this many times faster than it rises: over-pruning cannot be undone (ARCHITECTURE.md)
+VELOCITY_SMOOTHING = 0.02  # weight of the newest step in the running mean of d log E[BOPs] / step
+RATE_PER_EPOCH = 0.5  # `for_training`: the most log μ rises in one epoch (at a clipped violation)
 RAMP_FRACTION = 0.5  # `for_training`: the reference reaches the target after this share of the steps
+HORIZON_EPOCHS = 2.0  # `for_training`: how far ahead the violation is predicted
 
 
 class BopBudget:
     """The target (relative BOPs in % of W32A32, or GBOPs; one of the two), μ and its update, for a prepared model.
 
-    `step()` after every optimizer step: log μ ← log μ + step_size · clip(E[BOPs] / reference − 1, ±1), with E[BOPs]
-    the differentiable twin of the report from the gate probabilities and the reference moving geometrically from
-    the starting E[BOPs] to the target over `ramp_steps` (0: the target from the start). μ is a 0-dim tensor on the
-    model's device, computed from the gate logits only, so it is identical on every DDP process and never
-    synchronises with the host. Constructing it makes the regulariser BOP-weighted (`assign_macs`).
+    `step()` after every optimizer step: v = clip(E[BOPs] · exp(H · r) / reference(t + H) − 1, ±1), the violation
+    predicted `horizon_steps` (H) ahead from E[BOPs]'s running log-rate r per step, and log μ ← log μ + step_size · v,
+    times DOWN_GAIN when v < 0. E[BOPs] is the differentiable twin of the report from the gate probabilities; the
+    reference moves geometrically from the starting E[BOPs] to the target over `ramp_steps` (0: the target from the
+    start). μ is a 0-dim tensor on the model's device, computed from the gate logits only, so it is identical on every
+    DDP process and never synchronises with the host. Constructing it makes the regulariser BOP-weighted
+    (`assign_macs`).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class BopBudget:
         mu: float = DEFAULT_MU,
         step_size: float = 1e-3,
         ramp_steps: int = 0,
+        horizon_steps: int = 0,
     ) -> None:
         if (target_rel_bops is None) == (target_gbops is None):
             raise ValueError("BopBudget needs exactly one of target_rel_bops (percent of W32A32) and target_gbops")
@@ -63,6 +69,8 @@ class BopBudget:
             raise ValueError(f"BopBudget: step_size must be positive, got {step_size}")
         if ramp_steps < 0:
             raise ValueError(f"BopBudget: ramp_steps must be at least 0, got {ramp_steps}")
+        if horizon_steps < 0:
+            raise ValueError(f"BopBudget: horizon_steps must be at least 0, got {horizon_steps}")
         self.model = unwrap(model)
         bops.assign_macs(self.model)
         self.baseline = bops.baseline_bops(self.model)
@@ -75,19 +83,24 @@ class BopBudget:
                              "switchable tensor at 2 bits, one channel per pruned layer); raise it")
         self.step_size = float(step_size)
         self.ramp_steps = int(ramp_steps)
+        self.horizon_steps = int(horizon_steps)
         self.steps = 0
         expected = bops.expected_bops(self.model).detach()
         self.start_bops = float(expected)
         self._log_mu = torch.tensor(math.log(mu), dtype=torch.float64, device=expected.device)
+        self._log_expected = expected.to(torch.float64).log()  # at the last step
+        self._rate = torch.zeros_like(self._log_expected)  # running mean of its change per step
 
     @classmethod
     def for_training(cls, model: nn.Module, *, steps_per_epoch: int, epochs: int, mu: float = DEFAULT_MU,
                      target_rel_bops: float | None = None, target_gbops: float | None = None) -> BopBudget:
-        """The budget the training pipeline uses: log μ moves at most RATE_PER_EPOCH per epoch, and the reference
-        ramps to the target over the first RAMP_FRACTION of the `epochs` × `steps_per_epoch` steps."""
+        """The budget the training pipeline uses: log μ rises at most RATE_PER_EPOCH per epoch, the violation is
+        predicted HORIZON_EPOCHS ahead, and the reference ramps to the target over the first RAMP_FRACTION of the
+        `epochs` × `steps_per_epoch` steps."""
         return cls(model, target_rel_bops=target_rel_bops, target_gbops=target_gbops, mu=mu,
                    step_size=RATE_PER_EPOCH / max(steps_per_epoch, 1),
-                   ramp_steps=int(RAMP_FRACTION * epochs * steps_per_epoch))
+                   ramp_steps=int(RAMP_FRACTION * epochs * steps_per_epoch),
+                   horizon_steps=int(HORIZON_EPOCHS * steps_per_epoch))
 
     @property
     def target_rel_bops(self) -> float:
@@ -99,19 +112,23 @@ class BopBudget:
         """The regulariser weight now (0-dim float32 tensor on the model's device)."""
         return self._log_mu.exp().float()
 
-    def reference(self) -> float:
-        """The BOPs μ steers towards at this step: geometric from the start to the target over the ramp."""
-        if self.steps >= self.ramp_steps or self.start_bops <= self.target_bops:
+    def reference(self, ahead: int = 0) -> float:
+        """The BOPs μ steers towards `ahead` steps from now: geometric from the start to the target over the ramp."""
+        step = self.steps + ahead
+        if step >= self.ramp_steps or self.start_bops <= self.target_bops:
             return self.target_bops
-        frac = self.steps / self.ramp_steps
-        return self.start_bops * (self.target_bops / self.start_bops) ** frac
+        return self.start_bops * (self.target_bops / self.start_bops) ** (step / self.ramp_steps)
 
     @torch.no_grad()
     def step(self) -> None:
-        """One dual-ascent update of μ from the current gate probabilities."""
-        expected = bops.expected_bops(self.model).to(self._log_mu.device, torch.float64)
-        violation = (expected / self.reference() - 1.0).clamp(-MAX_VIOLATION, MAX_VIOLATION)
-        self._log_mu = (self._log_mu + self.step_size * violation).clamp(*(math.log(v) for v in MU_RANGE))
+        """One dual-ascent update of μ from the current gate probabilities and their recent trend."""
+        log_expected = bops.expected_bops(self.model).to(self._log_mu.device, torch.float64).log()
+        self._rate = self._rate + VELOCITY_SMOOTHING * (log_expected - self._log_expected - self._rate)
+        self._log_expected = log_expected
+        predicted = (log_expected + self.horizon_steps * self._rate).exp()
+        violation = (predicted / self.reference(self.horizon_steps) - 1.0).clamp(-MAX_VIOLATION, MAX_VIOLATION)
+        gain = torch.where(violation < 0, DOWN_GAIN, 1.0)
+        self._log_mu = (self._log_mu + self.step_size * gain * violation).clamp(*(math.log(v) for v in MU_RANGE))
         self.steps += 1
 
     def status(self) -> dict[str, float]:
@@ -140,11 +157,18 @@ class BopBudget:
                              lambda: gate_saliency(self.model, batches, loss_fn, reduce), low)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps: μ, the step count and the ramp's start."""
-        return {"log_mu": float(self._log_mu), "steps": self.steps, "start_bops": self.start_bops}
+        """What a checkpoint keeps: μ, the step count, the ramp's start and the trend of E[BOPs]."""
+        return {"log_mu": float(self._log_mu), "steps": self.steps, "start_bops": self.start_bops,
+                "log_expected": float(self._log_expected), "rate": float(self._rate)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()`."""
+        """Continue from `state_dict()` (a state without the trend, from before it was kept, restarts it)."""
         self._log_mu.fill_(float(state["log_mu"]))
         self.steps = int(state["steps"])
         self.start_bops = float(state["start_bops"])
+        if "log_expected" in state:
+            self._log_expected.fill_(float(state["log_expected"]))
+            self._rate.fill_(float(state["rate"]))
+        else:
+            self._log_expected = bops.expected_bops(self.model).detach().to(self._log_mu.device, torch.float64).log()
+            self._rate.zero_()

@@ -12,7 +12,7 @@ import torch
 
 import bayesian_bits as bb
 from bayesian_bits import bops
-from bayesian_bits.budget import MU_RANGE, BopBudget
+from bayesian_bits.budget import DOWN_GAIN, MU_RANGE, BopBudget
 from bayesian_bits.cli import main
 from bayesian_bits.pipeline.metrics import read_metrics
 from bayesian_bits.projection import Option, Switch, gate_saliency, minimum_bops, project, project_model
@@ -157,10 +157,47 @@ def test_budget_mu_rises_over_target_falls_under_and_is_deterministic() -> None:
     assert run(0.5) == over  # same gates, same μ, bit for bit
 
 
+def test_budget_mu_falls_four_times_faster_than_it_rises() -> None:
+    model = model_with_random_gates("lenet5quantized", seed=6, level_range=(5.0, 6.0))
+    start = float(bops.expected_relative_bops(model).detach())
+    budget = BopBudget(model, target_rel_bops=2.0 * start, mu=0.1, step_size=0.05)
+    budget.step()  # gates unchanged: the violation is E / T − 1 = −0.5 exactly
+    assert float(budget.mu) == pytest.approx(0.1 * math.exp(-0.05 * DOWN_GAIN * 0.5), rel=1e-6)
+
+
+def shift_levels(model: torch.nn.Module, delta: float) -> None:
+    with torch.no_grad():
+        for q in model.modules():
+            if isinstance(q, bb.BayesianBitsQuantizer):
+                for g in (q.gamma_4, q.gamma_8, q.gamma_16, q.gamma_32):
+                    g.add_(delta)
+
+
+def test_budget_predicts_the_violation_from_the_trend() -> None:
+    """Over the target but falling fast towards it: with a horizon μ already falls; without one it keeps rising."""
+
+    def mus(horizon: int) -> list[float]:
+        model = model_with_random_gates("lenet5quantized", seed=6, level_range=(1.0, 2.0))
+        start = float(bops.expected_relative_bops(model).detach())
+        budget = BopBudget(model, target_rel_bops=0.5 * start, mu=0.1, step_size=0.05, horizon_steps=horizon)
+        out = []
+        for _ in range(30):
+            shift_levels(model, -0.02)  # E[BOPs] falls a little at every step, staying over the target
+            budget.step()
+            out.append(float(budget.mu))
+        assert float(bops.expected_relative_bops(model).detach()) > 0.5 * start
+        return out
+
+    assert mus(0) == sorted(mus(0)) and mus(0)[-1] > 0.1
+    ahead = mus(1000)
+    assert ahead[-1] < ahead[0] < 0.1 * math.exp(0.05)
+
+
 def test_budget_ramp_state_and_bounds() -> None:
     model = model_with_random_gates("lenet5quantized", seed=7, level_range=(5.0, 6.0))
     budget = BopBudget(model, target_gbops=0.01, mu=MU_RANGE[1], step_size=10.0, ramp_steps=4)
     assert budget.target_bops == 1e7 and budget.reference() == pytest.approx(budget.start_bops)
+    shift_levels(model, 0.5)
     budget.step()
     assert float(budget.mu) == pytest.approx(MU_RANGE[1])  # clamped
     assert budget.start_bops > budget.reference() > budget.target_bops
@@ -168,6 +205,10 @@ def test_budget_ramp_state_and_bounds() -> None:
     other = BopBudget(model, target_gbops=0.01, step_size=10.0, ramp_steps=4)
     other.load_state_dict(state)
     assert other.state_dict() == state and other.reference() == budget.reference()
+    assert state["rate"] != 0.0  # the trend is kept (E[BOPs] changed between construction and the step)
+    old = {k: state[k] for k in ("log_mu", "steps", "start_bops")}  # a checkpoint from before the trend was kept
+    other.load_state_dict(old)
+    assert other.state_dict()["rate"] == 0.0 and other.state_dict()["log_mu"] == state["log_mu"]
     status = budget.status()
     assert set(status) == {"target_rel_bops", "expected_rel_bops", "eval_rel_bops", "mu"}
     assert status["eval_rel_bops"] == pytest.approx(bb.bop_report(model)["relative_bops"])
@@ -181,6 +222,7 @@ def test_budget_ramp_state_and_bounds() -> None:
     ({"target_rel_bops": 1.0, "mu": 0.0}, "mu"),
     ({"target_rel_bops": 1.0, "step_size": 0.0}, "step_size"),
     ({"target_rel_bops": 1.0, "ramp_steps": -1}, "ramp_steps"),
+    ({"target_rel_bops": 1.0, "horizon_steps": -1}, "horizon_steps"),
     ({"target_rel_bops": 1e-6}, "below the smallest model"),
 ])
 def test_budget_rejects_bad_arguments(kwargs: dict, message: str) -> None:

@@ -1,6 +1,6 @@
 """A BOP budget for training (SPEC A9): dual ascent on the regulariser weight μ, then a projection onto the target.
 
-    budget = BopBudget(model, target_rel_bops=0.5, step_size=1 / len(loader), ramp_steps=epochs * len(loader) // 2)
+    budget = BopBudget.for_training(model, steps_per_epoch=len(loader), epochs=epochs, target_rel_bops=0.5)
     for x, y in loader:                                   # every training step
         loss = cross_entropy(model(x), y) + budget.mu * regularizer(model)
         loss.backward(); optimizer.step(); budget.step()

@@ -120,9 +120,13 @@ class BopBudget:
         return self.start_bops * (self.target_bops / self.start_bops) ** (step / self.ramp_steps)
 
     @torch.no_grad()
+    def _log_expected_now(self) -> Tensor:
+        return bops.expected_bops(self.model).to(self._log_mu.device, torch.float64).log()
+
+    @torch.no_grad()
     def step(self) -> None:
         """One dual-ascent update of μ from the current gate probabilities and their recent trend."""
-        log_expected = bops.expected_bops(self.model).to(self._log_mu.device, torch.float64).log()
+        log_expected = self._log_expected_now()
         self._rate = self._rate + VELOCITY_SMOOTHING * (log_expected - self._log_expected - self._rate)
         self._log_expected = log_expected
         predicted = (log_expected + self.horizon_steps * self._rate).exp()
@@ -170,5 +174,5 @@ class BopBudget:
             self._log_expected.fill_(float(state["log_expected"]))
             self._rate.fill_(float(state["rate"]))
         else:
-            self._log_expected = bops.expected_bops(self.model).detach().to(self._log_mu.device, torch.float64).log()
+            self._log_expected = self._log_expected_now()
             self._rate.zero_()

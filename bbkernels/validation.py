@@ -18,20 +18,20 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OP_BITS = (0, *BITS)  # 0: the gated chain; else a fixed bit width
 
 
-def _floating(name: str, value: object) -> Tensor:
-    torch._check_type(isinstance(value, Tensor), lambda: f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    torch._check_type(
-        value.is_floating_point(),
-        lambda: f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {value.dtype}",
-    )
-    return value
-
-
 def _tensor(name: str, value: object, optional: bool = False) -> None:
     torch._check_type(
         isinstance(value, Tensor) or (optional and value is None),
         lambda: f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(value).__name__}",
     )
+
+
+def _floating(name: str, value: object) -> Tensor:
+    _tensor(name, value)
+    torch._check_type(
+        value.is_floating_point(),
+        lambda: f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {value.dtype}",
+    )
+    return value
 
 
 def _same_device(name: str, value: Tensor, x: Tensor) -> None:

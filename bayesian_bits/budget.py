@@ -19,16 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import bops
+from . import bops, gates
 from .dataflow import unwrap
 from .projection import LOW, ProjectionResult, gate_saliency, minimum_bops, project_model
+from .quantizer import BayesianBitsQuantizer
 
 DEFAULT_MU = 0.1  # initial μ when none is given: the reference README's MNIST --gating-lambda
 MU_RANGE = (1e-6, 1e3)  # μ is kept inside: a guard against wind-up while the gates cannot follow
 MAX_VIOLATION = 1.0  # |predicted / reference − 1| is clipped to this before each update
 DOWN_GAIN = 4.0  # μ falls this many times faster than it rises: over-pruning cannot be undone (ARCHITECTURE.md)
 VELOCITY_SMOOTHING = 0.02  # weight of the newest step in the running mean of d log E[BOPs] / step
-RATE_PER_EPOCH = 0.5  # `for_training`: the most log μ rises in one epoch (at a clipped violation)
+RATE_PER_EPOCH = 1.0  # `for_training`: the most log μ rises in one epoch (clipped violation, every gate responsive)
 RAMP_FRACTION = 0.5  # `for_training`: the reference reaches the target after this share of the steps
 HORIZON_EPOCHS = 2.0  # `for_training`: how far ahead the violation is predicted
 
@@ -37,11 +38,13 @@ class BopBudget:
     """The target (relative BOPs in % of W32A32, or GBOPs; one of the two), μ and its update, for a prepared model.
 
     `step()` after every optimizer step: v = clip(E[BOPs] · exp(H · r) / reference(t + H) − 1, ±1), the violation
-    predicted `horizon_steps` (H) ahead from E[BOPs]'s running log-rate r per step, and log μ ← log μ + step_size · v,
-    times DOWN_GAIN when v < 0. E[BOPs] is the differentiable twin of the report from the gate probabilities; the
-    reference moves geometrically from the starting E[BOPs] to the target over `ramp_steps` (0: the target from the
-    start). μ is a 0-dim tensor on the model's device, computed from the gate logits only, so it is identical on every
-    DDP process and never synchronises with the host. Constructing it makes the regulariser BOP-weighted
+    predicted `horizon_steps` (H) ahead from E[BOPs]'s running log-rate r per step, and
+    log μ ← log μ + step_size · k · v with k = DOWN_GAIN when v < 0, else the responsive share a
+    (`responsive_share`: μ rises only as fast as the gates can answer it). E[BOPs] is the differentiable twin of the
+    report from the gate probabilities; the reference moves geometrically from the starting E[BOPs] to the target
+    over `ramp_steps` (0: the target from the start). μ is a 0-dim tensor on the model's device, computed from the
+    gate logits only, so it is identical on every DDP process and never synchronises with the host. Constructing it
+    makes the regulariser BOP-weighted
     (`assign_macs`).
     """
 
@@ -72,6 +75,7 @@ class BopBudget:
         if horizon_steps < 0:
             raise ValueError(f"BopBudget: horizon_steps must be at least 0, got {horizon_steps}")
         self.model = unwrap(model)
+        self._quantizers = [m for m in self.model.modules() if isinstance(m, BayesianBitsQuantizer)]
         bops.assign_macs(self.model)
         self.baseline = bops.baseline_bops(self.model)
         self.target_bops = (target_rel_bops / 100.0 * self.baseline if target_rel_bops is not None
@@ -124,6 +128,23 @@ class BopBudget:
         return bops.expected_bops(self.model).to(self._log_mu.device, torch.float64).log()
 
     @torch.no_grad()
+    def responsive_share(self) -> Tensor:
+        """a ∈ [0, 1]: the mean over gate groups (a quantizer's level chain, its pruning gates) of the share of acting
+        logits whose training sample is not pinned at 1, 1 − P(z = 1). A pinned sample passes no data gradient, so
+        under Adam such a logit falls at its learning rate whatever μ is: raising μ then only winds it up."""
+        shares, groups = [], []
+        for q in self._quantizers:
+            for logits, acting in q.acting_gates():
+                n = acting.sum()
+                shares.append(torch.where(n > 0, ((1.0 - gates.prob_one(logits)) * acting).sum() / n.clamp(min=1), 0.0))
+                groups.append((n > 0).to(logits.dtype))
+        if not shares:
+            return self._log_mu.new_ones(())
+        count = torch.stack(groups).sum()
+        share = torch.stack(shares).sum() / count.clamp(min=1)
+        return torch.where(count > 0, share, 1.0).to(self._log_mu.device, torch.float64)
+
+    @torch.no_grad()
     def step(self) -> None:
         """One dual-ascent update of μ from the current gate probabilities and their recent trend."""
         log_expected = self._log_expected_now()
@@ -131,7 +152,7 @@ class BopBudget:
         self._log_expected = log_expected
         predicted = (log_expected + self.horizon_steps * self._rate).exp()
         violation = (predicted / self.reference(self.horizon_steps) - 1.0).clamp(-MAX_VIOLATION, MAX_VIOLATION)
-        gain = torch.where(violation < 0, DOWN_GAIN, 1.0)
+        gain = torch.where(violation < 0, DOWN_GAIN, self.responsive_share())
         self._log_mu = (self._log_mu + self.step_size * gain * violation).clamp(*(math.log(v) for v in MU_RANGE))
         self.steps += 1
 

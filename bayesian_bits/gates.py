@@ -37,6 +37,11 @@ def prob_on(gamma: Tensor) -> Tensor:
     return torch.sigmoid(gamma - OFFSET)
 
 
+def prob_one(gamma: Tensor) -> Tensor:
+    """P(z = 1) = σ(gamma + offset): the sample is clamped at 1, which passes no data gradient to gamma."""
+    return torch.sigmoid(gamma + OFFSET)
+
+
 def gate(gamma: Tensor, *, training: bool, method: str) -> Tensor:
     """Gate values for logits `gamma`: a sample ('l0') or hard sigmoid ('fixed') in training, 0/1 in eval."""
     if not training:

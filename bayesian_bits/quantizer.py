@@ -211,6 +211,19 @@ class BayesianBitsQuantizer(_Quantizer):
         return 2.0 + (reach * steps).sum()
 
     @torch.no_grad()
+    def acting_gates(self) -> list[tuple[Tensor, Tensor]]:
+        """(logits, 0/1 acting mask) per gate group, level gates and pruning gates: a logit acts when the training
+        forward samples it (the live level chain in GATED mode; pruning logits where `applied_mask` applies them);
+        regularised logits that do nothing in the forward are masked out. No host synchronisation."""
+        out = []
+        if self.mode is Mode.GATED:
+            gammas = self.gammas
+            out.append((gammas, torch.cumprod((self.alive & (gammas > gates.SKIP_BELOW)).to(gammas.dtype), 0)))
+        if self.gamma_2 is not None and (self.prune_only or self.mode is Mode.GATED):
+            out.append((self.gamma_2.detach(), torch.ones_like(self.gamma_2)))
+        return out
+
+    @torch.no_grad()
     def keep_mask(self) -> Tensor | None:
         """Eval 0/1 pruning mask over output channels, or None without pruning."""
         return None if self.gamma_2 is None else gates.eval_gate(self.gamma_2)

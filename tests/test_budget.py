@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bayesian_bits as bb
-from bayesian_bits import bops
+from bayesian_bits import bops, gates
 from bayesian_bits.budget import DOWN_GAIN, MU_RANGE, BopBudget
 from bayesian_bits.cli import main
 from bayesian_bits.pipeline.metrics import read_metrics
@@ -152,9 +152,46 @@ def test_budget_mu_rises_over_target_falls_under_and_is_deterministic() -> None:
         return mus
 
     over, under = run(0.5), run(50.0)
-    assert over[0] == pytest.approx(0.1 * math.exp(0.05)) and over == sorted(over)  # violation clipped to +1
+    share = 1.0 - float(gates.prob_one(torch.tensor(5.0)))  # the most any acting logit in [5, 6] gives
+    assert 0.1 < over[0] <= 0.1 * math.exp(0.05 * share) and over == sorted(over)  # violation clipped to +1
     assert under == sorted(under, reverse=True) and under[-1] < 0.1
     assert run(0.5) == over  # same gates, same μ, bit for bit
+
+
+def set_acting_logits(model: torch.nn.Module, value: float) -> None:
+    """gamma_4, gamma_8 and every pruning logit to `value`; gamma_16 and gamma_32 skipped (−6), so not acting."""
+    with torch.no_grad():
+        for q in model.modules():
+            if isinstance(q, bb.BayesianBitsQuantizer):
+                for g, v in ((q.gamma_4, value), (q.gamma_8, value), (q.gamma_16, -6.0), (q.gamma_32, -6.0),
+                             (q.gamma_2, value)):
+                    if g is not None:
+                        g.fill_(v)
+
+
+@pytest.mark.parametrize("value", [6.0, 2.0, 0.0, -1.5])
+def test_responsive_share_counts_acting_logits_not_pinned_at_one(value: float) -> None:
+    model = model_with_random_gates("lenet5quantized", seed=6)
+    set_acting_logits(model, value)
+    floor = 100.0 * minimum_bops(model) / bops.baseline_bops(model)
+    budget = BopBudget(model, target_rel_bops=1.01 * floor, step_size=0.05)
+    assert float(bops.expected_bops(model).detach()) > 2.0 * budget.target_bops
+    share = float(budget.responsive_share())
+    pinned = 1.0 / (1.0 + math.exp(-(value + gates.OFFSET)))  # P(z = 1): the stretched sample clamped at 1
+    assert share == pytest.approx(1.0 - pinned, rel=1e-4)  # float32; the skipped gamma_16/32 (share ≈ 1) are left out
+    mu = float(budget.mu)
+    budget.step()  # far over the target: the violation is clipped to +1, μ rises by step_size · share in log
+    assert math.log(float(budget.mu) / mu) == pytest.approx(0.05 * share, rel=1e-4)
+
+
+def test_acting_gates_leave_out_logits_the_forward_ignores() -> None:
+    fixed = bb.BayesianBitsQuantizer(4, mode="fixed", fixed_bits=8)
+    assert fixed.acting_gates() == []  # regularised, but a fixed-bit forward samples none of them
+    pruned = bb.BayesianBitsQuantizer(4, mode="fixed", fixed_bits=8, prune_only=True)
+    assert [tuple(logits.shape) for logits, _ in pruned.acting_gates()] == [(4,)]
+    gated = bb.BayesianBitsQuantizer(None, gamma_inits=(6.0, -6.0, 6.0, 6.0))
+    [(_, acting)] = gated.acting_gates()
+    assert acting.tolist() == [1.0, 0.0, 0.0, 0.0]  # gamma_8 ≤ −2 ends the chain: gamma_16 and gamma_32 with it
 
 
 def test_budget_mu_falls_four_times_faster_than_it_rises() -> None:

@@ -86,6 +86,9 @@ def test_finetune_optimizers() -> None:
     opts = build_finetune_optimizers(Tiny())
     assert opts["weight"].param_groups[0]["lr"] == 1e-4 and opts["weight"].param_groups[0]["nesterov"]
     assert isinstance(opts["range"], torch.optim.Adam) and opts["range"].param_groups[0]["lr"] == 1e-4
+    adam = build_finetune_optimizers(Tiny(), "Adam", 3e-4)  # --finetune-optimizer Adam --finetune-learning-rate 3e-4
+    assert isinstance(adam["weight"], torch.optim.Adam) and adam["weight"].param_groups[0]["lr"] == 3e-4
+    assert adam["range"].param_groups[0]["lr"] == 3e-4
 
 
 def test_linear_decay_matches_the_reference_numbers() -> None:

@@ -118,14 +118,13 @@ def build_optimizers(
     return optimizers
 
 
-FINETUNE_LR = 1e-4
-
-
-def build_finetune_optimizers(model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-    """Fixed-gate fine-tuning (§6.9 step 5): weights and biases SGD 1e-4 (Nesterov), ``x_max`` Adam 1e-4."""
+def build_finetune_optimizers(model: nn.Module, optimizer: str = "SGD", lr: float = 1e-4,
+                              ) -> dict[str, torch.optim.Optimizer]:
+    """Fixed-gate fine-tuning: weights and biases with ``optimizer``, ``x_max`` with Adam, both at ``lr``. The
+    defaults are the reference's (§6.9 step 5: SGD 1e-4 with Nesterov, Adam 1e-4)."""
     groups = split_parameters(model)
-    optimizers = {"weight": make_optimizer("SGD", [p for _, p in groups["weight"]], FINETUNE_LR)}
+    optimizers = {"weight": make_optimizer(optimizer, [p for _, p in groups["weight"]], lr)}
     ranges = [p for name, p in groups["range"] if "x_max" in name]
     if ranges:
-        optimizers["range"] = make_optimizer("Adam", ranges, FINETUNE_LR)
+        optimizers["range"] = make_optimizer("Adam", ranges, lr)
     return optimizers

@@ -137,7 +137,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     reason="the fused quantize-and-gate operator already saves only its input for the backward pass")
     bb.add_argument("--fixed-gate-finetune-epochs", type=int, default=0,
                     help="after training, freeze the gates (fixed bit widths and prune masks), fold BN and fine-tune "
-                    "this many epochs (SGD 1e-4 weights, Adam 1e-4 ranges, cosine per iteration; default 0)")
+                    "this many epochs (weights with --finetune-optimizer, ranges with Adam, both at "
+                    "--finetune-learning-rate, cosine per iteration; default 0)")
+    bb.add_argument("--finetune-optimizer", default="SGD", choices=OPTIMIZERS,
+                    help="fine-tuning's weights optimizer (default SGD, the reference's, with Nesterov momentum)")
+    bb.add_argument("--finetune-learning-rate", type=float, default=1e-4,
+                    help="fine-tuning's starting learning rate for weights and ranges (default 1e-4, the reference's)")
 
     out = parser.add_argument_group("output and state")
     out.add_argument("--logdir", default=None,
@@ -200,6 +205,10 @@ def check_train_options(args: argparse.Namespace) -> None:
                           ("fixed_gate_finetune_epochs", 0), ("log_every", 1), ("synthetic", 1),
                           ("synthetic_image_size", 8), ("max_batches", 1), ("num_classes", 1), ("image_size", 8)):
         _positive(args, name, minimum)
+    for name in ("learning_rate", "learning_rate_q", "learning_rate_s", "finetune_learning_rate"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if not args.eval_only:
         missing = [f"--{k.replace('_', '-')}" for k in ("experiment", "data_dir", "model") if getattr(args, k) is None]
         if missing:

@@ -254,7 +254,8 @@ class Run:
 
     def finetune_phase(self, steps_per_epoch: int) -> Phase:
         epochs = self.args.fixed_gate_finetune_epochs
-        optimizers = build_finetune_optimizers(self.model)
+        optimizers = build_finetune_optimizers(self.model, self.args.finetune_optimizer,
+                                               self.args.finetune_learning_rate)
         return Phase("finetune", epochs, optimizers,
                      step_schedulers=build_finetune_schedulers(optimizers, epochs * steps_per_epoch))
 

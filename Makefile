@@ -36,7 +36,7 @@ demo: $(STAMP)
 		--optimizer Adam --optimizer-q Adam --optimizer-s Adam --gating-lambda 0.1 \
 		--gamma-4-init 6 --gamma-8-init 6 --gamma-16-init -6 --gamma-32-init -6 --learned-scale range \
 		--include-pruning --reg-type bop --epochs $(DEMO_EPOCHS) --eval-every 1 --logdir runs/demo --overwrite \
-		--target-rel-bops 1.0 --fixed-gate-finetune-epochs 1
+		--target-rel-bops 1.0 --fixed-gate-finetune-epochs 1 --finetune-optimizer Adam
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_quantizer --csv bench_out/quantizer.csv

@@ -44,8 +44,7 @@ class BopBudget:
     report from the gate probabilities; the reference moves geometrically from the starting E[BOPs] to the target
     over `ramp_steps` (0: the target from the start). μ is a 0-dim tensor on the model's device, computed from the
     gate logits only, so it is identical on every DDP process and never synchronises with the host. Constructing it
-    makes the regulariser BOP-weighted
-    (`assign_macs`).
+    makes the regulariser BOP-weighted (`assign_macs`).
     """
 
     def __init__(
@@ -132,17 +131,17 @@ class BopBudget:
         """a ∈ [0, 1]: the mean over gate groups (a quantizer's level chain, its pruning gates) of the share of acting
         logits whose training sample is not pinned at 1, 1 − P(z = 1). A pinned sample passes no data gradient, so
         under Adam such a logit falls at its learning rate whatever μ is: raising μ then only winds it up."""
-        shares, groups = [], []
+        means, live = [], []
         for q in self._quantizers:
             for logits, acting in q.acting_gates():
                 n = acting.sum()
-                shares.append(torch.where(n > 0, ((1.0 - gates.prob_one(logits)) * acting).sum() / n.clamp(min=1), 0.0))
-                groups.append((n > 0).to(logits.dtype))
-        if not shares:
+                means.append(((1.0 - gates.prob_one(logits)) * acting).sum() / n.clamp(min=1))
+                live.append((n > 0).to(n.dtype))
+        if not means:
             return self._log_mu.new_ones(())
-        count = torch.stack(groups).sum()
-        share = torch.stack(shares).sum() / count.clamp(min=1)
-        return torch.where(count > 0, share, 1.0).to(self._log_mu.device, torch.float64)
+        count = torch.stack(live).sum()
+        share = torch.where(count > 0, torch.stack(means).sum() / count.clamp(min=1), 1.0)
+        return share.to(self._log_mu.device, torch.float64)
 
     @torch.no_grad()
     def step(self) -> None:

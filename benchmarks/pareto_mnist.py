@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from bayesian_bits.cli import main as cli_main
+from bayesian_bits.pipeline.optim import OPTIMIZERS
 
 PAPER = (0.36, 99.30)  # Bayesian Bits, MNIST LeNet5 (relative BOPs %, top-1 %)
 # The reference README's MNIST command (SPEC B §9), without --epochs and the output folder.
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of every run (default 3)")
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="fixed-gate fine-tuning epochs after the projection, every run (default 0)")
-    parser.add_argument("--finetune-optimizer", default="Adam", choices=["SGD", "Adam"],
+    parser.add_argument("--finetune-optimizer", default="Adam", choices=OPTIMIZERS,
                         help="fine-tuning's weights optimizer (default Adam: the reference's SGD at 1e-4 is made for "
                         "ImageNet's SGD-trained weights and barely moves these Adam-trained ones)")
     parser.add_argument("--finetune-learning-rate", type=float, default=1e-4,

@@ -130,12 +130,13 @@ class BopBudget:
     def responsive_share(self) -> Tensor:
         """a ∈ [0, 1]: the mean over gate groups (a quantizer's level chain, its pruning gates) of the share of acting
         logits whose training sample is not pinned at 1, 1 − P(z = 1). A pinned sample passes no data gradient, so
-        under Adam such a logit falls at its learning rate whatever μ is: raising μ then only winds it up."""
+        under Adam such a logit falls at its learning rate whatever μ is: raising μ then only winds it up. A logit
+        pinned at 0 counts as responsive: it matters only on the way down, where μ must be free to fall."""
         means, live = [], []
         for q in self._quantizers:
             for logits, acting in q.acting_gates():
                 n = acting.sum()
-                means.append(((1.0 - gates.prob_one(logits)) * acting).sum() / n.clamp(min=1))
+                means.append(((1.0 - gates.prob_one(logits, q.gating_method)) * acting).sum() / n.clamp(min=1))
                 live.append((n > 0).to(n.dtype))
         if not means:
             return self._log_mu.new_ones(())

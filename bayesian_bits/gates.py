@@ -37,9 +37,12 @@ def prob_on(gamma: Tensor) -> Tensor:
     return torch.sigmoid(gamma - OFFSET)
 
 
-def prob_one(gamma: Tensor) -> Tensor:
-    """P(z = 1) = σ(gamma + offset): the sample is clamped at 1, which passes no data gradient to gamma."""
-    return torch.sigmoid(gamma + OFFSET)
+def prob_one(gamma: Tensor, method: str = "l0") -> Tensor:
+    """P(z = 1), the training gate clamped at 1, which passes no data gradient to gamma: σ(gamma + offset) for
+    'l0' samples, 0 or 1 for the deterministic 'fixed' gate (1 iff gamma ≥ −offset = β·ln 11)."""
+    if method == "l0":
+        return torch.sigmoid(gamma + OFFSET)
+    return (gamma >= -OFFSET).to(gamma.dtype)
 
 
 def gate(gamma: Tensor, *, training: bool, method: str) -> Tensor:

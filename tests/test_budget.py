@@ -184,6 +184,17 @@ def test_responsive_share_counts_acting_logits_not_pinned_at_one(value: float) -
     assert math.log(float(budget.mu) / mu) == pytest.approx(0.05 * share, rel=1e-4)
 
 
+def test_responsive_share_of_the_deterministic_fixed_gate() -> None:
+    model = model_with_random_gates("lenet5quantized", seed=6)
+    for q in model.modules():
+        if isinstance(q, bb.BayesianBitsQuantizer):
+            q.gating_method = "fixed"
+    floor = 100.0 * minimum_bops(model) / bops.baseline_bops(model)
+    for value, share in ((6.0, 0.0), (1.0, 1.0)):  # the hard sigmoid is clamped at 1 iff gamma ≥ β·ln 11 = 1.5986
+        set_acting_logits(model, value)
+        assert float(BopBudget(model, target_rel_bops=1.01 * floor).responsive_share()) == share
+
+
 def test_acting_gates_leave_out_logits_the_forward_ignores() -> None:
     fixed = bb.BayesianBitsQuantizer(4, mode="fixed", fixed_bits=8)
     assert fixed.acting_gates() == []  # regularised, but a fixed-bit forward samples none of them

@@ -161,6 +161,10 @@ class BayesianBitsQuantizer(_Quantizer):
         self.initialized.fill_(True)
         self._sync()
 
+    def _chain(self, gammas: Tensor) -> Tensor:
+        """1.0 for each level gate still in the chain (not ratcheted off and below no skipped gate), else 0.0."""
+        return torch.cumprod((self.alive & (gammas.detach() > gates.SKIP_BELOW)).to(gammas.dtype), 0)
+
     def level_gates(self) -> Tensor:
         """(g4, g8, g16, g32), zero from the first skipped gate on; updates the ratchet in training."""
         gammas = self.gammas
@@ -205,8 +209,7 @@ class BayesianBitsQuantizer(_Quantizer):
         gammas = self.gammas
         if self.mode is not Mode.GATED:
             return None if self.fixed_bits is None else gammas.new_tensor(float(self.fixed_bits))
-        alive = torch.cumprod((self.alive & (gammas.detach() > gates.SKIP_BELOW)).to(gammas.dtype), 0)
-        reach = torch.cumprod(gates.prob_on(gammas) * alive, 0)
+        reach = torch.cumprod(gates.prob_on(gammas) * self._chain(gammas), 0)
         steps = reach.new_tensor([b // 2 for b in LEVEL_BITS])  # the bits each level adds
         return 2.0 + (reach * steps).sum()
 
@@ -218,7 +221,7 @@ class BayesianBitsQuantizer(_Quantizer):
         out = []
         if self.mode is Mode.GATED:
             gammas = self.gammas
-            out.append((gammas, torch.cumprod((self.alive & (gammas > gates.SKIP_BELOW)).to(gammas.dtype), 0)))
+            out.append((gammas, self._chain(gammas)))
         if self.gamma_2 is not None and (self.prune_only or self.mode is Mode.GATED):
             out.append((self.gamma_2.detach(), torch.ones_like(self.gamma_2)))
         return out

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from bayesian_bits.cli import main as cli_main
-from bayesian_bits.pipeline.optim import OPTIMIZERS
+from bayesian_bits.pipeline.optim import FINETUNE_LR, OPTIMIZERS
 
 PAPER = (0.36, 99.30)  # Bayesian Bits, MNIST LeNet5 (relative BOPs %, top-1 %)
 # The reference README's MNIST command (SPEC B §9), without --epochs and the output folder.
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-optimizer", default="Adam", choices=OPTIMIZERS,
                         help="fine-tuning's weights optimizer (default Adam: the reference's SGD at 1e-4 is made for "
                         "ImageNet's SGD-trained weights and barely moves these Adam-trained ones)")
-    parser.add_argument("--finetune-learning-rate", type=float, default=1e-4,
-                        help="fine-tuning's starting learning rate (default 1e-4)")
+    parser.add_argument("--finetune-learning-rate", type=float, default=FINETUNE_LR,
+                        help=f"fine-tuning's starting learning rate (default {FINETUNE_LR:g}, the reference's)")
     parser.add_argument("--targets", nargs="*", default=["1.0", "0.5", "0.36", "0.30"],
                         help="relative BOP targets in %% (default 1.0 0.5 0.36 0.30)")
     parser.add_argument("--mus", nargs="*", default=[], help="fixed --gating-lambda values to add (default none)")

@@ -118,10 +118,12 @@ def build_optimizers(
     return optimizers
 
 
-def build_finetune_optimizers(model: nn.Module, optimizer: str = "SGD", lr: float = 1e-4,
+FINETUNE_OPTIMIZER, FINETUNE_LR = "SGD", 1e-4  # the reference's fine-tuning (§6.9 step 5), SGD with Nesterov
+
+
+def build_finetune_optimizers(model: nn.Module, optimizer: str = FINETUNE_OPTIMIZER, lr: float = FINETUNE_LR,
                               ) -> dict[str, torch.optim.Optimizer]:
-    """Fixed-gate fine-tuning: weights and biases with ``optimizer``, ``x_max`` with Adam, both at ``lr``. The
-    defaults are the reference's (§6.9 step 5: SGD 1e-4 with Nesterov, Adam 1e-4)."""
+    """Fixed-gate fine-tuning: weights and biases with ``optimizer``, ``x_max`` with Adam, both at ``lr``."""
     groups = split_parameters(model)
     optimizers = {"weight": make_optimizer(optimizer, [p for _, p in groups["weight"]], lr)}
     ranges = [p for name, p in groups["range"] if "x_max" in name]

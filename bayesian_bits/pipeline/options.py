@@ -12,7 +12,7 @@ from bbkernels.ladder import GATED_BITS
 from ..experiments import EXPERIMENTS, MODELS, parse_overrides
 from ..prepare import FIXED_BITS
 from .errors import UsageError
-from .optim import OPTIMIZERS
+from .optim import FINETUNE_LR, FINETUNE_OPTIMIZER, OPTIMIZERS
 from .schedules import SCHEDULE_HELP, parse_lr_schedule
 
 DEBUG_BATCHES = 11  # --debug: each epoch stops after this many batches (reference behaviour)
@@ -139,10 +139,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="after training, freeze the gates (fixed bit widths and prune masks), fold BN and fine-tune "
                     "this many epochs (weights with --finetune-optimizer, ranges with Adam, both at "
                     "--finetune-learning-rate, cosine per iteration; default 0)")
-    bb.add_argument("--finetune-optimizer", default="SGD", choices=OPTIMIZERS,
-                    help="fine-tuning's weights optimizer (default SGD, the reference's, with Nesterov momentum)")
-    bb.add_argument("--finetune-learning-rate", type=float, default=1e-4,
-                    help="fine-tuning's starting learning rate for weights and ranges (default 1e-4, the reference's)")
+    bb.add_argument("--finetune-optimizer", default=FINETUNE_OPTIMIZER, choices=OPTIMIZERS,
+                    help=f"fine-tuning's weights optimizer (default {FINETUNE_OPTIMIZER}, the reference's; SGD always "
+                    "with Nesterov momentum)")
+    bb.add_argument("--finetune-learning-rate", type=float, default=FINETUNE_LR,
+                    help=f"fine-tuning's starting learning rate for weights and ranges (default {FINETUNE_LR:g}, the "
+                    "reference's)")
 
     out = parser.add_argument_group("output and state")
     out.add_argument("--logdir", default=None,

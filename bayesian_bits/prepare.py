@@ -21,10 +21,13 @@ Pruning gates go on every weight's output channels except the logits layer's and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import io
 import math
 import operator
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -559,12 +562,15 @@ def prepare(
                          "untraceable submodule as a leaf (leaf_modules=['name']) and, if it holds conv/linear "
                          "layers, skip it (skip=['name'])") from err
     gm = fx.GraphModule(model, graph, type(model).__name__)
+    printed = io.StringIO()  # ShapeProp prints the traceback of a failing node before raising its own error
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             ShapeProp(gm).propagate(*(x.to(_device(model)) for x in inputs))
     except Exception as err:
-        raise ValueError(f"the example inputs do not run through {type(model).__name__}: {type(err).__name__}: "
-                         f"{err}") from err
+        cause = err.__cause__ or err  # the model's own error, not ShapeProp's wrapper with the node's metadata
+        raise ValueError(f"the example inputs do not run through {type(model).__name__}: {type(cause).__name__}: "
+                         f"{cause}") from err
+    sys.stderr.write(printed.getvalue())  # what the model itself printed on a successful run
     conv = _Converter(gm, config, skip, overrides)
     conv.check_modules()
     logits = _logits(graph, gm)

@@ -191,6 +191,14 @@ def test_what_prepare_cannot_handle_is_a_clear_error(model, shape, match):
         bb.prepare(model, torch.rand(shape), CONFIG)
 
 
+def test_inputs_that_do_not_run_name_the_models_own_error_and_print_nothing(capsys):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))  # 3 channels in, 1 given
+    with pytest.raises(ValueError, match=r"do not run through Sequential: RuntimeError: .*expected input\[1, 1, 8, 8\] "
+                       r"to have 3 channels"):
+        bb.prepare(model, torch.rand(1, 1, 8, 8), CONFIG)
+    assert capsys.readouterr().err == ""  # no traceback from torch.fx's shape propagation
+
+
 def test_leaf_hint_with_skip():
     model = bb.prepare(WithBlock(Untraceable()), torch.rand(1, 4), CONFIG, leaf_modules=["block"], skip=["block"])
     assert type(model.get_submodule("block")) is Untraceable

@@ -1,0 +1,164 @@
+"""Kernel launches per training step and per eval forward, counted as a GPU would see them.
+
+A `TorchDispatchMode` counts every ATen op that reaches a kernel: views and allocations are left out (they launch
+nothing), and the ATen ops inside the project's custom ops (`bbkernels::*`: contract checks, dtype casts) are counted
+as well as the op itself (its kernel). The count depends only on the model and the code, not on the machine, so it is
+the same figure everywhere; host-device synchronisations (`aten._local_scalar_dense`: `.item()`, `bool(t)`) are
+reported beside it.
+
+    .venv/bin/python -m benchmarks.launches [--models resnet18 mobilenet_v2 vit] [--batch 2] [--size 64]
+                                            [--top 12] [--json F]
+
+Acceptance (issue 21), ResNet-18 at batch 2, 64²: the training step (forward, CE + regulariser, backward, SGD)
+launches at most 3× the float step's ops with `--bn-fold exact`, 2× with `fast`; the eval forward at most 2×.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import harness
+
+# Ops that only allocate or describe memory (no kernel), besides the view ops the schema marks.
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+               "alias", "set_", "resize_", "_unsafe_view", "_reshape_alias", "unbind", "split", "split_with_sizes",
+               "chunk", "view", "as_strided", "_to_copy_noop"}
+SYNCS = {"_local_scalar_dense", "item"}  # device-to-host reads: the host waits for the device
+
+
+def _name(func: torch._ops.OpOverload) -> str:
+    return func.overloadpacket.__name__
+
+
+def _is_view(func: torch._ops.OpOverload) -> bool:
+    """An op whose outputs alias an input without writing it (view, select, transpose, ...)."""
+    schema = func._schema
+    return not schema.is_mutable and any(r.alias_info is not None for r in schema.returns)
+
+
+def _device_keys(args: tuple) -> torch._C.DispatchKeySet:
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    return torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU)
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts dispatched ATen ops that launch a kernel, by op name; `syncs` counts host reads of device values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _name(func)
+        if name in SYNCS:
+            self.syncs += 1
+        elif not (_is_view(func) or name in ALLOCATIONS or func.namespace == "profiler"):
+            namespace = func.namespace
+            self.counts[name if namespace == "aten" else f"{namespace}::{name}"] += 1
+            if namespace.startswith("bbkernels"):
+                with self:  # what the custom op runs besides its kernel is launched too: run its device kernel
+                    return func.redispatch(_device_keys(args), *args, **kwargs)
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count(fn: Callable[[], object]) -> LaunchCounter:
+    """Run `fn` once under a fresh counter."""
+    counter = LaunchCounter()
+    with counter:
+        fn()
+    return counter
+
+
+def training_step(model: nn.Module, images: Tensor, labels: Tensor, regularised: bool) -> Callable[[], None]:
+    """forward, cross-entropy (+ 0.01 × the BOP regulariser), backward, SGD with momentum (foreach, as on a GPU)."""
+    import bayesian_bits as bb
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images), labels)
+        if regularised:
+            loss = loss + 0.01 * bb.regularizer(model)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def eval_forward(model: nn.Module, images: Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    return forward
+
+
+def _float_and_prepared(name: str, size: int, bn_fold: str) -> tuple[nn.Module, nn.Module, Tensor]:
+    import torchvision
+
+    import bayesian_bits as bb
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, size, size)
+    config = bb.QuantConfig(6.0, 6.0, 6.0, -6.0, include_pruning=True, reg_type="bop")
+    float_model = torchvision.models.get_model(name, num_classes=10)
+    model = bb.prepare(float_model, images[:1], config)
+    bb.calibrate(model, images[:2])
+    bb.assign_macs(model)
+    return float_model, model, images
+
+
+def measure(name: str, batch: int, size: int) -> list[dict]:
+    """Rows for the float model and the prepared one: training-step and eval-forward launches and syncs."""
+    float_model, model, images = _float_and_prepared(name, size, "exact")
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.randint(0, 10, (batch,))
+    rows = []
+    for variant, m, reg in (("float", float_model, False), ("bayesian-bits", model, True)):
+        m.train()
+        step = training_step(m, images, labels, reg)
+        step()  # warm-up: optimizer state, lazily built kernels
+        train = count(step)
+        m.eval()
+        evaluation = count(eval_forward(m, images))
+        rows.append({"model": name, "variant": variant, "batch": batch, "size": size,
+                     "train_launches": train.total, "train_syncs": train.syncs,
+                     "eval_launches": evaluation.total, "eval_syncs": evaluation.syncs,
+                     "train_top": train.counts.most_common(), "eval_top": evaluation.counts.most_common()})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet18"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--top", type=int, default=12, help="ops listed per row, most frequent first")
+    parser.add_argument("--json", type=Path, default=Path("bench_out/launches.json"))
+    args = parser.parse_args()
+    rows = [row for name in args.models for row in measure(name, args.batch, args.size)]
+    for row in rows:
+        print(f"{row['model']:<14} {row['variant']:<14} train {row['train_launches']:>6} launches "
+              f"{row['train_syncs']:>4} syncs   eval {row['eval_launches']:>5} launches {row['eval_syncs']:>4} syncs")
+        print("   train: " + ", ".join(f"{k} {v}" for k, v in row["train_top"][: args.top]))
+    harness.write_json(args.json, {"rows": rows}, "cpu")
+    print(f"JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ and keep probabilities from the gate logits (equal when every gate probability i
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import gates
-from .dataflow import FLOAT_BITS, Slice, Term, dataflow, unwrap
+from . import gate_bank, gates
+from .dataflow import FLOAT_BITS, Dataflow, Slice, Term, dataflow, unwrap
+from .gate_bank import GateBank
 from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode, quantizers
 
 BASELINE_BITS = FLOAT_BITS * FLOAT_BITS  # relative BOPs are against W32A32
@@ -82,19 +84,7 @@ def _eval_keep(q: nn.Module) -> Tensor | None:
     return None if mask is None else mask.float()
 
 
-def _expected_bits(q: nn.Module) -> Tensor | float:
-    expected = q.expected_bits() if isinstance(q, BayesianBitsQuantizer) else None
-    return _eval_bits(q) if expected is None else expected
-
-
-def _expected_keep(q: nn.Module) -> Tensor | None:
-    if isinstance(q, BayesianBitsQuantizer):
-        return None if q.gamma_2 is None else gates.prob_on(q.gamma_2)
-    return _eval_keep(q)
-
-
 EVAL = Evaluator(_eval_bits, _eval_keep)
-EXPECTED = Evaluator(_expected_bits, _expected_keep)
 
 
 @dataclass
@@ -151,14 +141,94 @@ def baseline_bops(model: nn.Module) -> int:
     return dataflow(model).total_macs * BASELINE_BITS
 
 
+@dataclass(frozen=True)
+class ExpectedBops:
+    """`term_bops`' sum compiled for a model's gate bank: with x = (expected bits of every bank row, 1) and
+    k = (mean keep probability of every row, 1), E[BOPs] = Σ_t MACs_t·(A_in x)_t·(A_w x)_t·(K_out k)_t·(K_in k)_t.
+    A_in / A_w mix the input / weight slices' bits by share (constant bits in the last column), K_out picks the
+    layer's own keep share and K_in mixes its input slices' upstream keep shares (a depthwise conv passes its input's
+    on, as in `term_bops`). A handful of kernels per evaluation, whatever the number of layers."""
+
+    flow: Dataflow
+    macs: Tensor  # T
+    bits: Tensor  # 2T × (Q + 1): A_in over A_w
+    keep: Tensor  # 2T × (Q + 1): K_out over K_in
+
+    @classmethod
+    def compile(cls, model: nn.Module, bank: GateBank) -> ExpectedBops:
+        flow = dataflow(model)
+        rows = {id(q): q.row for _, q in quantizers(model) if isinstance(q, BayesianBitsQuantizer) and q.bank is bank}
+        const = bank.rows  # the constant column
+        terms = flow.terms
+        bits = torch.zeros(2 * len(terms), const + 1, dtype=torch.float64)
+        keep = torch.zeros(2 * len(terms), const + 1, dtype=torch.float64)
+
+        def column(path: str) -> int | None:
+            return rows.get(id(_module(model, path)))
+
+        def add_bits(i: int, slices: tuple[Slice, ...]) -> None:
+            for s in slices:
+                col = None if s.quantizer is None else column(s.quantizer)
+                if col is None:
+                    fixed = _counted(s.bits) if s.quantizer is None else _eval_bits(_module(model, s.quantizer))
+                    bits[i, const] += s.fraction * fixed
+                else:
+                    bits[i, col] += s.fraction
+
+        effective: dict[str, int | None] = {}  # the row whose keep vector is a layer's output keep (None: all kept)
+        for t, term in enumerate(terms):
+            own = None
+            if term.weight is not None and _module(model, term.weight).keep_mask() is not None:
+                own = column(term.weight)
+                if own is None:
+                    raise ValueError(f"expected BOPs: layer {term.name}'s pruning gates are not in the gate bank")
+            add_bits(t, term.inputs)
+            if term.other:
+                add_bits(len(terms) + t, term.other)
+            elif term.weight is None:
+                bits[len(terms) + t, const] = FLOAT_BITS
+            else:
+                col = column(term.weight)
+                if col is None:
+                    bits[len(terms) + t, const] = _eval_bits(_module(model, term.weight))
+                else:
+                    bits[len(terms) + t, col] = 1.0
+            upstream = [effective.get(s.mask_from) if s.mask_from else None for s in term.inputs]
+            if term.depthwise and len(upstream) == 1 and upstream[0] is not None:
+                if own is not None:
+                    raise ValueError(f"expected BOPs: depthwise layer {term.name} has pruning gates of its own")
+                effective[term.name] = upstream[0]
+            else:
+                effective[term.name] = own
+            keep[t, const if own is None else own] = 1.0
+            for s, u in zip(term.inputs, upstream, strict=True):
+                keep[len(terms) + t, const if u is None else u] += s.fraction
+        device = bank.gamma_logits.device
+        macs = torch.tensor([float(t.macs) for t in terms], device=device)
+        return cls(flow, macs, bits.float().to(device), keep.float().to(device))
+
+    def __call__(self, bank: GateBank) -> Tensor:
+        ones = bank.gamma_logits.new_ones(1)
+        kept = torch.where(bank.has_channels, bank.mean_per_row(bank.keep_probabilities()), 1.0)
+        b_in, b_w = (self.bits @ torch.cat([bank.expected_bits(), ones])).chunk(2)
+        k_out, k_in = (self.keep @ torch.cat([kept, ones])).chunk(2)
+        return (self.macs * b_in * b_w * k_out * k_in).sum()
+
+
+_PROGRAMS: weakref.WeakKeyDictionary[GateBank, ExpectedBops] = weakref.WeakKeyDictionary()
+
+
 def expected_bops(model: nn.Module) -> Tensor:
     """Differentiable expected BOPs from the gate probabilities (bit levels and pruning gates), the twin of
-    `bop_report`'s total: equal to it when every gate probability is 0 or 1."""
-    rows = term_bops(model, EXPECTED)
-    total = sum(r.bops for r in rows)
-    if not isinstance(total, Tensor):
-        total = torch.tensor(float(total))
-    return total
+    `bop_report`'s total: equal to it when every gate probability is 0 or 1 (without a gate bank: that total)."""
+    inner = unwrap(model)
+    bank = getattr(inner, gate_bank.ATTRIBUTE, None)
+    if not isinstance(bank, GateBank):
+        return torch.tensor(float(sum(float(r.bops) for r in term_bops(model, EVAL))))
+    program = _PROGRAMS.get(bank)
+    if program is None or program.flow is not dataflow(model) or program.macs.device != bank.gamma_logits.device:
+        program = _PROGRAMS[bank] = ExpectedBops.compile(inner, bank)
+    return program(bank)
 
 
 def expected_relative_bops(model: nn.Module) -> Tensor:

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import bops, gates
+from . import bops
 from .dataflow import unwrap
+from .gate_bank import banks
 from .projection import LOW, ProjectionResult, gate_saliency, minimum_bops, project_model
-from .quantizer import BayesianBitsQuantizer
 
 DEFAULT_MU = 0.1  # initial μ when none is given: the reference README's MNIST --gating-lambda
 MU_RANGE = (1e-6, 1e3)  # μ is kept inside: a guard against wind-up while the gates cannot follow
@@ -74,7 +74,7 @@ class BopBudget:
         if horizon_steps < 0:
             raise ValueError(f"BopBudget: horizon_steps must be at least 0, got {horizon_steps}")
         self.model = unwrap(model)
-        self._quantizers = [m for m in self.model.modules() if isinstance(m, BayesianBitsQuantizer)]
+        self._banks = banks(self.model)
         bops.assign_macs(self.model)
         self.baseline = bops.baseline_bops(self.model)
         self.target_bops = (target_rel_bops / 100.0 * self.baseline if target_rel_bops is not None
@@ -129,20 +129,16 @@ class BopBudget:
     @torch.no_grad()
     def responsive_share(self) -> Tensor:
         """a ∈ [0, 1]: the mean over gate groups (a quantizer's level chain, its pruning gates) of the share of acting
-        logits whose training sample is not pinned at 1, 1 − P(z = 1). A pinned sample passes no data gradient, so
-        under Adam such a logit falls at its learning rate whatever μ is: raising μ then only winds it up. A logit
-        pinned at 0 counts as responsive: it matters only on the way down, where μ must be free to fall."""
-        means, live = [], []
-        for q in self._quantizers:
-            for logits, acting in q.acting_gates():
-                n = acting.sum()
-                means.append(((1.0 - gates.prob_one(logits, q.gating_method)) * acting).sum() / n.clamp(min=1))
-                live.append((n > 0).to(n.dtype))
-        if not means:
+        logits whose training sample is not pinned at 1, 1 − P(z = 1) (`GateBank.responsive_share`). A pinned sample
+        passes no data gradient, so under Adam such a logit falls at its learning rate whatever μ is: raising μ then
+        only winds it up. A logit pinned at 0 counts as responsive: it matters only on the way down, where μ must be
+        free to fall."""
+        parts = [b.responsive_share() for b in self._banks]
+        if not parts:
             return self._log_mu.new_ones(())
-        count = torch.stack(live).sum()
-        share = torch.where(count > 0, torch.stack(means).sum() / count.clamp(min=1), 1.0)
-        return share.to(self._log_mu.device, torch.float64)
+        total = sum(p[0].to(self._log_mu) for p in parts)
+        count = sum(p[1].to(self._log_mu) for p in parts)
+        return torch.where(count > 0, total / count.clamp(min=1), 1.0)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import bn_fold
+from . import bn_fold, gate_bank
 from .layers import QuantLayer
 from .quantizer import BayesianBitsQuantizer, FixedQuantizer
 
@@ -37,4 +37,5 @@ def convert_to_fixed(model: nn.Module) -> nn.Module:
         if isinstance(layer, QuantLayer) and layer.bn is not None:
             bn_fold.static_fold(layer, layer.bn)
             layer.bn = None
+    gate_bank.remove(model)
     return model

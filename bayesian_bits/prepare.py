@@ -42,10 +42,11 @@ from torchvision.ops import StochasticDepth
 
 from bbkernels import ladder
 
+from . import gate_bank
 from .config import QuantConfig
 from .dataflow import ATTRIBUTE, INPUT_BITS, Dataflow, Region, Slice, Term
 from .layers import QUANT_LAYERS, QuantLayer, quant_layer
-from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode
+from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode, quantizers
 
 LAYER_TYPES = tuple(QUANT_LAYERS)
 UNSUPPORTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase,
@@ -587,7 +588,29 @@ def prepare(
                     tuple(tuple(x.shape) for x in inputs))
     setattr(gm, ATTRIBUTE, flow)
     gm.bb_example_inputs = inputs
+    _attach_gate_bank(gm, graph)
+    gm.recompile()
     return gm.train()
+
+
+def _attach_gate_bank(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """Move every Bayesian Bits quantizer's gate logits into one `GateBank` (submodule `bb_gates`) and run its
+    `begin` first and its `end` last in every forward (nodes wrapping the first input and the output)."""
+    found = [q for _, q in quantizers(gm) if isinstance(q, BayesianBitsQuantizer)]
+    if not found:
+        return
+    bank = gate_bank.merge([(q.bank, q.row) for q in found])
+    for row, q in enumerate(found):
+        q.join(bank, row)
+    gm.add_submodule(gate_bank.ATTRIBUTE, bank)
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first):
+        begin = graph.call_module(gate_bank.ATTRIBUTE, (first, "begin"))
+    first.replace_all_uses_with(begin, delete_user_cb=lambda user: user is not begin)
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        end = graph.call_module(gate_bank.ATTRIBUTE, (output.args[0], "end"))
+    output.args = (end,)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import bops
 from .dataflow import unwrap
+from .gate_bank import GateBank, banks
 from .quantizer import LEVEL_BITS, BayesianBitsQuantizer, Mode
 
 LOW = 0.9  # the band is [LOW, 1] x target
@@ -317,25 +318,19 @@ class ModelBoard:
 
 
 @contextmanager
-def _gate_leaves(quantizers: dict[str, BayesianBitsQuantizer]):
-    """Make every quantizer use its eval gates as leaf tensors that collect gradients (instance attributes that
-    shadow `level_gates` / `channel_gates` for the duration)."""
-    leaves: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+def _pinned_eval_gates(found: list[GateBank]):
+    """Make every bank's forward use its eval gates as two leaf tensors (levels Q × 4, channels) that collect
+    gradients, for the duration; yields the leaves per bank."""
+    leaves: list[tuple[GateBank, tuple[Tensor, Tensor]]] = []
     try:
-        for name, q in quantizers.items():
-            g = q.level_gates().detach().clone().requires_grad_() if _switchable_levels(q) else None
-            g2 = q.channel_gates()
-            g2 = None if g2 is None else g2.detach().clone().requires_grad_()
-            leaves[name] = (g, g2)
-            if g is not None:
-                q.level_gates = lambda g=g: g
-            q.channel_gates = lambda g2=g2: g2
+        for bank in found:
+            levels, channels = bank.eval_gates()
+            bank.pinned = (levels.clone().requires_grad_(), channels.clone().requires_grad_())
+            leaves.append((bank, bank.pinned))
         yield leaves
     finally:
-        for name in leaves:
-            q = quantizers[name]
-            q.__dict__.pop("level_gates", None)
-            q.__dict__.pop("channel_gates", None)
+        for bank, _ in leaves:
+            bank.pinned = None
 
 
 def gate_saliency(
@@ -347,36 +342,41 @@ def gate_saliency(
     """Estimated loss change of flipping each eval gate: the mean over `batches` of (∂L/∂g)² at the eval gates
     (eval mode). `reduce` sums a list over processes (DDP), so every process gets the same estimates."""
     inner = unwrap(model)
-    quantizers = _bb_quantizers(inner)
     device = next(inner.parameters()).device
     was_training = inner.training
     inner.eval()
     try:
-        with _gate_leaves(quantizers) as leaves:
-            flat = [(name, kind, t) for name, pair in leaves.items()
-                    for kind, t in zip(("level", "channel"), pair, strict=True) if t is not None]
-            sums = [torch.zeros(t.numel(), dtype=torch.float64) for _, _, t in flat]
+        with _pinned_eval_gates(banks(inner)) as pinned:
+            tensors = [t for _, pair in pinned for t in pair]
+            sums = [torch.zeros(t.numel(), dtype=torch.float64) for t in tensors]
             count = 0
             for x, y in batches:
                 loss = loss_fn(inner(x.to(device)), y.to(device))
-                grads = torch.autograd.grad(loss, [t for _, _, t in flat], allow_unused=True)
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                 for acc, g in zip(sums, grads, strict=True):
                     if g is not None:
                         acc += g.detach().reshape(-1).double().cpu() ** 2
                 count += 1
     finally:
         inner.train(was_training)
-    totals = [*torch.cat(sums).tolist(), float(count)] if sums else [float(count)]
+    totals = torch.tensor([*torch.cat(sums).tolist(), float(count)] if sums else [float(count)], dtype=torch.float64)
     if reduce is not None:
-        totals = reduce(totals)
-    n = max(totals[-1], 1.0)
+        totals = torch.tensor(reduce(totals.tolist()), dtype=torch.float64)
+    means = totals[:-1] / max(float(totals[-1]), 1.0)
+    per_bank, offset = {}, 0
+    for bank, (levels, channels) in pinned:
+        per_bank[bank] = (means[offset:offset + levels.numel()].view(levels.shape),
+                          means[offset + levels.numel():offset + levels.numel() + channels.numel()])
+        offset += levels.numel() + channels.numel()
     out: dict[Switch, float] = {}
-    offset = 0
-    for (name, kind, _), acc in zip(flat, sums, strict=True):
-        for j in range(acc.numel()):
-            s = Switch(name, level=j) if kind == "level" else Switch(name, channel=j)
-            out[s] = totals[offset + j] / n
-        offset += acc.numel()
+    for name, q in _bb_quantizers(inner).items():
+        levels, channels = per_bank[q.bank]
+        if _switchable_levels(q):
+            for j, v in enumerate(levels[q.row].tolist()):
+                out[Switch(name, level=j)] = v
+        segment = q.bank.channel_rows_of(channels)[q.row]
+        for c, v in enumerate([] if segment is None else segment.tolist()):
+            out[Switch(name, channel=c)] = v
     return out
 
 

@@ -14,10 +14,13 @@ import bbkernels
 from bbkernels.ladder import BITS, GATED_BITS
 
 from . import gates
+from .dataflow import FLOAT_BITS
+from .gate_bank import GateBank, Row
 
 # The gated levels of the ladder (bbkernels/ladder.py); level `bits` has the gate logit `gamma_{bits}`, the name
-# checkpoints store it under.
+# checkpoints before the gate bank stored it under.
 LEVEL_BITS = GATED_BITS
+LEVEL_NAMES = {f"gamma_{bits}": k for k, bits in enumerate(LEVEL_BITS)}
 
 
 class Mode(StrEnum):
@@ -80,6 +83,8 @@ class BayesianBitsQuantizer(_Quantizer):
       and the pruning gates act in the forward only when `prune_only` (§1.11 steps 5–7);
     - FLOAT (prune-only weights): the tensor times its pruning gates, no quantization.
 
+    The gate logits live in a `GateBank` row (`bank`, `row`): the model's bank after `prepare`, else a bank of one row
+    held as the submodule `gate_bank`; `gamma_4` … `gamma_32`, `gammas`, `gamma_2` and `alive` are views of it.
     Ranges are set by the first forward under `calibrate` (§1.2); using it earlier raises RuntimeError.
     In training the gates are hard-concrete samples, in eval 0/1 thresholds (§1.9); a gate whose logit
     reaches −2 in training is switched off for good together with all gates above it (§1.8).
@@ -106,24 +111,52 @@ class BayesianBitsQuantizer(_Quantizer):
         super().__init__(10.0, False, learn_range)
         self.register_buffer("x_min", torch.tensor([-10.0]))
         self.register_buffer("initialized", torch.tensor(False))
-        for bits, init in zip(LEVEL_BITS, gamma_inits, strict=True):
-            setattr(self, f"gamma_{bits}", nn.Parameter(torch.tensor([float(init)])))
-        # gamma_2 starts at 6.0, hard-coded as in the reference (§1.11).
-        self.gamma_2 = nn.Parameter(torch.full((channels,), 6.0)) if channels else None
-        self.register_buffer("alive", torch.ones(len(LEVEL_BITS), dtype=torch.bool))  # the permanent skip ratchet
         self._mode = mode
         self.fixed_bits = fixed_bits
         # The reference's --prune-only: pruning gates act in FIXED mode too; FLOAT is prune-only by definition.
         self.prune_only = prune_only or mode is Mode.FLOAT
-        self.gating_method = gating_method
-        self.bop_weight: float | None = None  # MACs / max MACs under reg_type 'bop' (§3.2), else None
+        row = Row(tuple(float(v) for v in gamma_inits), channels or None, mode is Mode.GATED,
+                  fixed_bits or FLOAT_BITS, self.prune_only or mode is Mode.GATED)
+        self.gate_bank = GateBank([row], gating_method)
+        self.row = 0
+        self._bop_weight: float | None = None
         self.calibrating: str | None = None  # set by `calibrate`: the module name, for error messages
         self._sync()
+
+    @property
+    def bank(self) -> GateBank:
+        """The bank holding this quantizer's gate logits (the model's, or its own `gate_bank`)."""
+        own = self._modules.get("gate_bank")
+        return own if own is not None else self.__dict__["_shared_bank"]
+
+    def join(self, bank: GateBank, row: int) -> None:
+        """Read the gate logits from row `row` of `bank` from now on (its own bank is dropped; `gate_bank.merge` copied
+        its values there)."""
+        if "gate_bank" in self._modules:
+            del self.gate_bank
+        self.__dict__["_shared_bank"] = bank  # a reference, not a submodule: the model owns the bank
+        self.row = row
 
     @property
     def mode(self) -> Mode:
         """GATED, FIXED or FLOAT (fixed at construction)."""
         return self._mode
+
+    @property
+    def gating_method(self) -> str:
+        """'l0' (hard-concrete samples) or 'fixed' (hard sigmoid) in training, shared by the bank's rows."""
+        return self.bank.method
+
+    @property
+    def bop_weight(self) -> float | None:
+        """MACs / max MACs under reg_type 'bop' (§3.2), else None: the regulariser's level cost factor."""
+        return self._bop_weight
+
+    @bop_weight.setter
+    def bop_weight(self, value: float | None) -> None:
+        self._bop_weight = value
+        cost = [1.0 if value is None else value * b for b in BITS]
+        self.bank.level_cost[self.row] = torch.tensor(cost)
 
     @property
     def is_calibrated(self) -> bool:
@@ -134,6 +167,10 @@ class BayesianBitsQuantizer(_Quantizer):
         super()._sync()
         self._initialized = bool(self.initialized)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.bank.load_legacy_row(self.row, state_dict, prefix)  # a checkpoint from before the gate bank
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         channels = "" if self.gamma_2 is None else f"channels={self.gamma_2.numel()}, "
         mode = f"{self.mode.value}" + (f"({self.fixed_bits})" if self.fixed_bits else "")
@@ -142,8 +179,24 @@ class BayesianBitsQuantizer(_Quantizer):
 
     @property
     def gammas(self) -> Tensor:
-        """(gamma_4, gamma_8, gamma_16, gamma_32) as one tensor."""
-        return torch.cat([getattr(self, f"gamma_{bits}") for bits in LEVEL_BITS])
+        """(gamma_4, gamma_8, gamma_16, gamma_32): a view of the bank's parameter."""
+        return self.bank.levels(self.row)
+
+    @property
+    def gamma_2(self) -> Tensor | None:
+        """The per-output-channel pruning logits (a view of the bank's parameter), or None without pruning."""
+        return self.bank.channels(self.row)
+
+    @property
+    def alive(self) -> Tensor:
+        """The skip ratchet of the four levels (a view of the bank's buffer)."""
+        return self.bank.alive[self.row]
+
+    def __getattr__(self, name: str):
+        level = LEVEL_NAMES.get(name)
+        if level is not None:  # gamma_4 … gamma_32: one-element views of the bank's parameter
+            return self.gammas[level:level + 1]
+        return super().__getattr__(name)
 
     @torch.no_grad()
     def _init_range(self, x: Tensor) -> None:
@@ -161,24 +214,14 @@ class BayesianBitsQuantizer(_Quantizer):
         self.initialized.fill_(True)
         self._sync()
 
-    def _chain(self, gammas: Tensor) -> Tensor:
-        """1.0 for each level gate still in the chain (not ratcheted off and below no skipped gate), else 0.0."""
-        return torch.cumprod((self.alive & (gammas.detach() > gates.SKIP_BELOW)).to(gammas.dtype), 0)
-
     def level_gates(self) -> Tensor:
-        """(g4, g8, g16, g32), zero from the first skipped gate on; updates the ratchet in training."""
-        gammas = self.gammas
-        alive = self.alive & (gammas.detach() > gates.SKIP_BELOW)
-        if self.training:
-            self.alive.copy_(alive)
-        chain = torch.cumprod(alive.to(gammas.dtype), 0)
-        return gates.gate(gammas, training=self.training, method=self.gating_method) * chain
+        """(g4, g8, g16, g32) of this forward, zero from the first skipped gate on (training: samples; the ratchet is
+        updated)."""
+        return self.bank.row_gates(self.row)[0]
 
     def channel_gates(self) -> Tensor | None:
-        """Per-output-channel pruning gates g2 (never skipped), or None without pruning."""
-        if self.gamma_2 is None:
-            return None
-        return gates.gate(self.gamma_2, training=self.training, method=self.gating_method)
+        """Per-output-channel pruning gates g2 of this forward (never skipped), or None without pruning."""
+        return self.bank.row_gates(self.row)[1]
 
     def forward(self, x: Tensor) -> Tensor:
         _check_float(x, type(self).__name__)
@@ -189,9 +232,9 @@ class BayesianBitsQuantizer(_Quantizer):
                 "BayesianBitsQuantizer used before its ranges were set; run bayesian_bits.calibrate(model, images) "
                 "once after building the model (or load a calibrated state_dict)"
             )
-        g2 = self.channel_gates()
+        levels, g2 = self.bank.row_gates(self.row)
         if self.mode is Mode.GATED:
-            return bbkernels.bb_quantize(x, self.x_max, self.level_gates(), g2, signed=self._signed)
+            return bbkernels.bb_quantize(x, self.x_max, levels, g2, signed=self._signed)
         return self._fixed_or_float(x, self.fixed_bits, g2 if self.prune_only else None)
 
     @torch.no_grad()
@@ -206,45 +249,23 @@ class BayesianBitsQuantizer(_Quantizer):
     def expected_bits(self) -> Tensor | None:
         """Differentiable E[bit width] under the gate probabilities, 2 + 2·q4 + 4·q4q8 + 8·q4q8q16 + 16·q4q8q16q32
         (skipped gates count as off); FIXED gives its bits, FLOAT None. Equals `bit_width` at 0/1 probabilities."""
-        gammas = self.gammas
-        if self.mode is not Mode.GATED:
-            return None if self.fixed_bits is None else gammas.new_tensor(float(self.fixed_bits))
-        reach = torch.cumprod(gates.prob_on(gammas) * self._chain(gammas), 0)
-        steps = reach.new_tensor([b // 2 for b in LEVEL_BITS])  # the bits each level adds
-        return 2.0 + (reach * steps).sum()
+        return None if self.mode is Mode.FLOAT else self.bank.expected_bits()[self.row]
 
-    @torch.no_grad()
-    def acting_gates(self) -> list[tuple[Tensor, Tensor]]:
-        """(logits, 0/1 acting mask) per gate group, level gates and pruning gates: a logit acts when the training
-        forward samples it (the live level chain in GATED mode; pruning logits where `applied_mask` applies them);
-        regularised logits that do nothing in the forward are masked out. No host synchronisation."""
-        out = []
-        if self.mode is Mode.GATED:
-            gammas = self.gammas
-            out.append((gammas, self._chain(gammas)))
-        if self.gamma_2 is not None and (self.prune_only or self.mode is Mode.GATED):
-            out.append((self.gamma_2.detach(), torch.ones_like(self.gamma_2)))
-        return out
+    def regularizer(self) -> Tensor:
+        """R_q of §3.1 (its row of `GateBank.row_regularizers`)."""
+        return self.bank.row_regularizers()[self.row]
 
     @torch.no_grad()
     def keep_mask(self) -> Tensor | None:
         """Eval 0/1 pruning mask over output channels, or None without pruning."""
-        return None if self.gamma_2 is None else gates.eval_gate(self.gamma_2)
+        gamma_2 = self.gamma_2
+        return None if gamma_2 is None else gates.eval_gate(gamma_2)
 
     @torch.no_grad()
     def applied_mask(self) -> Tensor | None:
         """The eval mask the forward multiplies by: ``keep_mask``, except in FIXED mode without prune-only, whose
         forward ignores the pruning gates (§1.11) although BOPs count them (§3.5)."""
         return self.keep_mask() if self.prune_only or self.mode is Mode.GATED else None
-
-    def regularizer(self) -> Tensor:
-        """R_q of §3.1: expected level costs, full bit width per level, times q2 (mean over channels) when pruning."""
-        cost = [1.0 if self.bop_weight is None else self.bop_weight * b for b in BITS]
-        reach = torch.cumprod(gates.prob_on(self.gammas), 0)  # q4, q4q8, q4q8q16, q4q8q16q32
-        levels = (reach * reach.new_tensor(cost[1:])).sum()
-        if self.gamma_2 is None:
-            return 1.0 + levels
-        return (gates.prob_on(self.gamma_2) * (cost[0] + levels)).mean()
 
 
 class FixedQuantizer(_Quantizer):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .quantizer import BayesianBitsQuantizer, FixedQuantizer
+from .gate_bank import banks
+from .quantizer import FixedQuantizer
 
 
 def regularizer(model: nn.Module) -> Tensor:
-    """Σ over every Bayesian Bits quantizer of its R_q (const or BOP-weighted after `assign_macs`); the loss is
-    CE + λ·regularizer(model). Zero after `convert_to_fixed`; a model without any quantizer is a ValueError."""
-    terms = [m.regularizer() for m in model.modules() if isinstance(m, BayesianBitsQuantizer)]
+    """Σ over every Bayesian Bits quantizer of its R_q (const or BOP-weighted after `assign_macs`), computed by the
+    gate bank for all at once; the loss is CE + λ·regularizer(model). Zero after `convert_to_fixed`; a model without
+    any quantizer is a ValueError."""
+    terms = [b.row_regularizers().sum() for b in banks(model)]
     if not terms:
         if not any(isinstance(m, FixedQuantizer) for m in model.modules()):
             raise ValueError(f"{type(model).__name__} has no quantizers, so there is nothing to regularise; convert "

@@ -82,13 +82,19 @@ def _set_logits(model: torch.nn.Module, seed: int) -> None:
 
 
 def _model(name: str, method: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
+    """The paper model with gating `method`, calibrated with deterministic ('fixed') gates so that no random draw
+    decides its ranges, then given seeded gate logits."""
     spec = bb.MODELS[name]
     shape = (spec.input_shape[0], IMAGE_SIZE.get(name, spec.input_shape[1]), IMAGE_SIZE.get(name, spec.input_shape[2]))
-    config = bb.QuantConfig(*MODELS[name], include_pruning=True, reg_type="bop", gating_method=method)
-    model = bb.build_model(name, config, num_classes=10, input_shape=shape)
     images = torch.rand(4, *shape, generator=torch.Generator().manual_seed(1))
-    bb.calibrate(model, images[:2])
+    models = {}
+    for m in dict.fromkeys(("fixed", method)):
+        torch.manual_seed(0)
+        config = bb.QuantConfig(*MODELS[name], include_pruning=True, reg_type="bop", gating_method=m)
+        models[m] = bb.build_model(name, config, num_classes=10, input_shape=shape)
+    bb.calibrate(models["fixed"], images[:2])
+    model = models[method]
+    model.load_state_dict(models["fixed"].state_dict())
     bb.assign_macs(model)
     _set_logits(model, seed=2)
     return model, images
@@ -103,7 +109,7 @@ def values(name: str) -> dict:
     with torch.no_grad():
         out["eval_logits"] = model(images).double().sum(1).tolist()
     out["quantizers"] = {
-        n: {"bits": q.bit_width(), "expected_bits": float(q.expected_bits()),
+        n: {"bits": q.bit_width(), "expected_bits": float(q.expected_bits().detach()),
             "level_gates": q.level_gates().tolist(),
             "kept": None if q.keep_mask() is None else float(q.keep_mask().sum())}
         for n, q in bb.quantizers(model) if isinstance(q, bb.BayesianBitsQuantizer)}

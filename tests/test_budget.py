@@ -90,7 +90,7 @@ def test_saliency_covers_every_gate_and_is_zero_above_the_first_off_level() -> N
     assert saliency[Switch("features.2.weight_quantizer", level=3)] == 0.0
     assert sum(1 for s in saliency if s.quantizer == "features.2.weight_quantizer" and s.channel is not None) == 64
     assert all(v >= 0 for v in saliency.values())
-    assert "level_gates" not in vars(q) and "channel_gates" not in vars(q)  # the probe's overrides are gone
+    assert q.bank.pinned is None  # the probe's eval gates are released
 
 
 @dataclass
@@ -186,23 +186,22 @@ def test_responsive_share_counts_acting_logits_not_pinned_at_one(value: float) -
 
 def test_responsive_share_of_the_deterministic_fixed_gate() -> None:
     model = model_with_random_gates("lenet5quantized", seed=6)
-    for q in model.modules():
-        if isinstance(q, bb.BayesianBitsQuantizer):
-            q.gating_method = "fixed"
+    model.bb_gates.method = "fixed"
     floor = 100.0 * minimum_bops(model) / bops.baseline_bops(model)
     for value, share in ((6.0, 0.0), (1.0, 1.0)):  # the hard sigmoid is clamped at 1 iff gamma ≥ β·ln 11 = 1.5986
         set_acting_logits(model, value)
         assert float(BopBudget(model, target_rel_bops=1.01 * floor).responsive_share()) == share
 
 
-def test_acting_gates_leave_out_logits_the_forward_ignores() -> None:
+def test_responsive_share_leaves_out_logits_the_forward_ignores() -> None:
     fixed = bb.BayesianBitsQuantizer(4, mode="fixed", fixed_bits=8)
-    assert fixed.acting_gates() == []  # regularised, but a fixed-bit forward samples none of them
-    pruned = bb.BayesianBitsQuantizer(4, mode="fixed", fixed_bits=8, prune_only=True)
-    assert [tuple(logits.shape) for logits, _ in pruned.acting_gates()] == [(4,)]
-    gated = bb.BayesianBitsQuantizer(None, gamma_inits=(6.0, -6.0, 6.0, 6.0))
-    [(_, acting)] = gated.acting_gates()
-    assert acting.tolist() == [1.0, 0.0, 0.0, 0.0]  # gamma_8 ≤ −2 ends the chain: gamma_16 and gamma_32 with it
+    assert [float(v) for v in fixed.bank.responsive_share()] == [0.0, 0.0]  # regularised, but never sampled
+    pruned = bb.BayesianBitsQuantizer(4, mode="fixed", fixed_bits=8, prune_only=True, gamma_inits=(0, 0, 0, 0))
+    total, groups = pruned.bank.responsive_share()  # one group: the pruning logits (at 6), not the levels (at 0)
+    assert float(groups) == 1 and float(total) == pytest.approx(1.0 - float(gates.prob_one(torch.tensor(6.0))))
+    gated = bb.BayesianBitsQuantizer(None, gamma_inits=(0.0, -6.0, 0.0, 0.0))
+    total, groups = gated.bank.responsive_share()  # gamma_8 ≤ −2 ends the chain: only gamma_4 acts
+    assert float(groups) == 1 and float(total) == pytest.approx(1.0 - float(gates.prob_one(torch.tensor(0.0))))
 
 
 def test_budget_mu_falls_four_times_faster_than_it_rises() -> None:

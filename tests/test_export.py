@@ -295,10 +295,12 @@ def test_signed_extremes_past_the_grid_stay_exact() -> None:
 
 
 def test_image_size_override(tmp_path: Path) -> None:
-    ckpt = write_checkpoint("resnet18", tmp_path / "r.pth")
+    # A model and input without a rounding tie: the eval model sums residual levels, the pruned one carries removed
+    # channels in its bias, and at a tie the two round one activation a grid step apart (BENCHMARKS.md, prepare zoo).
+    ckpt = write_checkpoint("resnet18", tmp_path / "r.pth", seed=2)
     loaded = load_eval_model(ckpt, image_size=48)
     pruned = pruned_model(loaded)
-    x = torch.randn(2, 3, 48, 48)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), loaded.model(x), atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="--image-size"):

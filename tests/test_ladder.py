@@ -13,7 +13,7 @@ import torch
 from bayesian_bits.config import QuantConfig
 from bayesian_bits.export import onnx_qdq, packed, quant
 from bayesian_bits.pipeline import options
-from bayesian_bits.quantizer import LEVEL_BITS, BayesianBitsQuantizer
+from bayesian_bits.quantizer import LEVEL_BITS, LEVEL_NAMES, BayesianBitsQuantizer
 from bbkernels import ladder, reference
 
 HEADER = Path(ladder.__file__).parent / "csrc" / "bb_quant_math.h"
@@ -73,8 +73,8 @@ def test_cpp_header_constants_equal_the_ladder():
 def test_quantizer_has_one_gate_per_gated_level():
     assert LEVEL_BITS == ladder.GATED_BITS
     q = BayesianBitsQuantizer(channels=3).eval()
-    names = [n for n, _ in q.named_parameters() if n.startswith("gamma_") and n != "gamma_2"]
-    assert names == [f"gamma_{b}" for b in ladder.GATED_BITS]  # the checkpoint names
+    names = [n for n in LEVEL_NAMES if getattr(q, n).shape == (1,)]
+    assert names == [f"gamma_{b}" for b in ladder.GATED_BITS]  # the names of checkpoints before the gate bank
     assert q.gammas.shape == q.alive.shape == (len(ladder.GATED_BITS),)
     for on in range(len(ladder.BITS)):
         with torch.no_grad():

@@ -82,21 +82,22 @@ def test_module_equals_reference_operator(training):
     torch.manual_seed(1)
     x = torch.randn(6, 4, 3, 3)
     q = calibrated(x, channels=6, gamma_inits=(3.0, 1.0, -0.5, 0.2))
-    q.gamma_2.data = torch.tensor([6.0, -1.0, 0.2, 2.0, -0.93, 1.0])
+    with torch.no_grad():
+        q.gamma_2.copy_(torch.tensor([6.0, -1.0, 0.2, 2.0, -0.93, 1.0]))
     q.train(training)
     torch.manual_seed(7)
     y = q(x)
     y.backward(torch.linspace(-1, 1, x.numel()).reshape(x.shape))
     got = {n: p.grad for n, p in q.named_parameters()}
     q.zero_grad()
-    torch.manual_seed(7)  # same noise: g2 first, then the level gates, as in forward
-    g2 = q.channel_gates()
-    ref = bbkernels.reference.bb_quantize(x, q.x_max, q.level_gates(), g2, signed=True)
+    torch.manual_seed(7)  # same noise: one draw for the level and channel gates, as in forward
+    levels, g2 = q.bank.row_gates(q.row)
+    ref = bbkernels.reference.bb_quantize(x, q.x_max, levels, g2, signed=True)
     ref.backward(torch.linspace(-1, 1, x.numel()).reshape(x.shape))
     torch.testing.assert_close(y, ref)
     for name, p in q.named_parameters():
         if got[name] is None:  # eval: thresholded gates carry no gradient
-            assert not training and p.grad is None and name.startswith("gamma_")
+            assert not training and p.grad is None and "gamma_" in name
         else:
             torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -115,7 +116,7 @@ def test_skip_rule_chain_and_permanence():
     assert q.bit_width() == 8
     q.train()
     q(x).sum().backward()
-    assert q.gamma_16.grad.item() == 0.0 and q.gamma_32.grad.item() == 0.0
+    assert q.bank.level_rows(q.bank.gamma_logits.grad)[q.row, 2:].tolist() == [0.0, 0.0]
     # The ratchet survives a state_dict round trip.
     fresh = BayesianBitsQuantizer()
     fresh.load_state_dict(q.state_dict())

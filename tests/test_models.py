@@ -82,7 +82,10 @@ def test_resnet18_quantizers_and_parameter_groups():
     names = [n for n, _ in model.named_parameters()]
     gate_names = [n for n in names if "gamma_" in n]
     range_names = [n for n in names if "x_max" in n or "x_min" in n]
-    assert len(gate_names) == 216 and len(names) - len(gate_names) - len(range_names) == 62
+    # The reference's 216 gate tensors (49 × 4 level logits, 20 pruning vectors) are one flat parameter here.
+    channels = sum(q.gamma_2.numel() for _, q in qs if q.gamma_2 is not None)
+    assert gate_names == ["bb_gates.gamma_logits"] and model.bb_gates.gamma_logits.numel() == 49 * 4 + channels
+    assert len(names) - len(gate_names) - len(range_names) == 62
     assert len(range_names) == 49  # x_max only: x_min never enters the forward pass (§1.3), it is a buffer
     assert model.fc.weight_quantizer.gamma_2 is None and model.fc.act_quantizer is None
 
@@ -173,8 +176,10 @@ def test_imagenet_models_train_step_and_eval(name, shape):
     loss = model(x).logsumexp(1).mean() + 0.01 * bb.regularizer(model)
     loss.backward()
     q = model.get_submodule("conv1" if name == "resnet18" else "features.0.0").weight_quantizer
-    assert q.gamma_2.grad is not None and q.x_max.grad is not None and q.gamma_4.grad is not None
-    assert q.gamma_32.grad.abs().item() < 1e-3  # skipped gate: regulariser gradient only
+    grad = q.bank.gamma_logits.grad
+    levels, channels = q.bank.level_rows(grad)[q.row], q.bank.channel_rows(grad)[q.row]
+    assert channels.abs().sum() > 0 and q.x_max.grad is not None and levels[0] != 0
+    assert levels[3].abs().item() < 1e-3  # skipped gate: regulariser gradient only
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()

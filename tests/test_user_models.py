@@ -107,7 +107,7 @@ def test_eval_only_names_every_conflicting_flag(digits: Path, tmp_path: Path, ca
                  "--skip", "classifier.1"])
     assert code == 0
     state = torch.load(tmp_path / "run" / "epoch_FINAL.pth", weights_only=True)["model"]
-    gated = {k.rsplit(".", 2)[0] for k in state if "gamma" in k}
+    gated = {k.rsplit(".", 2)[0] for k in state if k.endswith("quantizer.x_max")}
     assert any(k.startswith("classifier.0") for k in gated) and not any(k.startswith("classifier.1") for k in gated)
     capsys.readouterr()
     ckpt = str(tmp_path / "run" / "epoch_FINAL.pth")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import bn_fold, checkpoint_io
+from .. import bn_fold, checkpoint_io, gate_bank
 from ..errors import UsageError
 from ..layers import QuantLayer
 from .graph import QUANTIZERS, Region, regions
@@ -141,6 +141,7 @@ def assemble(skeleton: nn.Module, plan: ExportPlan) -> nn.Module:
     """A copy of ``skeleton`` (the quantized model, for its structure) with every layer replaced by its
     ``ExportLayer`` and every other quantizer by its ``TensorQuant``; eval mode, no gradients."""
     model = copy.deepcopy(skeleton)
+    gate_bank.remove(model)  # the export's quantizers have fixed gates
     for spec in plan.layers:
         layer = model.get_submodule(spec.name)
         _replace(model, spec.name, ExportLayer(plain_op(layer, spec.weight, spec.bias), spec.bias_map,

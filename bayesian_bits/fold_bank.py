@@ -1,0 +1,109 @@
+"""The fold bank: the per-channel BatchNorm-fold arithmetic of every folded layer of a model, once per forward for all
+of them (SPEC B §4.3, A13): σ_run = sqrt(running_var + eps), the fold scale γ/σ_run, the folded bias
+β − γ·μ_run/σ_run, and for the `fast` fold the safe scale and its inverse.
+
+A folded layer (a `QuantLayer` with a BatchNorm and a weight quantizer) is a row: a segment of `C` channels of the
+flat tensors. `prepare` gives a model one bank (`bb_folds`), run by the gate bank's first node; a layer called outside
+the model's forward computes its own row with the same code.
+
+The `fast` fold divides by the fold scale; a channel whose |γ| is below `SAFE_GAMMA` is folded with ±SAFE_GAMMA instead
+(the sign kept, + at 0), so the division is finite and the channel's quantized weight still carries W (γ = 0 would
+zero it and, with it, the batch statistics γ learns from). Its BatchNorm still multiplies by the true γ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ATTRIBUTE = "bb_folds"
+SAFE_GAMMA = 1e-2  # the fast fold's smallest |γ| in the folded weight (see the module docstring)
+
+
+@dataclass
+class FoldValues:
+    """One layer's share of a step: `scale` = γ/σ_run multiplies the weight before its quantizer, `std_run` is σ_run,
+    `bias` the folded bias β − γ·μ_run/σ_run of eval and frozen BN (None in training when no layer needs it); for the
+    fast fold in training, `safe` = safe γ/σ_run takes `scale`'s place and `inverse` = 1/safe takes the quantized
+    folded weight back to the unfolded scale (else both None)."""
+
+    scale: Tensor
+    std_run: Tensor
+    bias: Tensor | None
+    safe: Tensor | None
+    inverse: Tensor | None
+
+
+class FoldBank(nn.Module):
+    """The folded layers of a model (held by reference: the model owns them) and their vectorised fold arithmetic.
+
+    `gate_index` places the fast fold's inverse scale into a gate bank's channel layout (`gate_scale`): the pruning
+    gates of a fast-folded layer's weight quantizer are multiplied by it in the gate bank's own step, so the quantizer
+    computes g2/safe·Q(W·safe) without an op of its own.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("FoldBank needs at least one folded layer")
+        self.__dict__["layers"] = list(layers)  # references, not submodules
+        self.sizes = [layer.bn.num_features for layer in layers]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(layers))]
+        self.register_buffer("eps", torch.cat([torch.full((n,), float(layer.bn.eps)) for n, layer in
+                                               zip(self.sizes, layers, strict=True)]), persistent=False)
+        self._step: list[FoldValues] | None = None
+        self._inverse: Tensor | None = None  # this step's flat inverse scale (fast fold, training)
+        self._gate_index: dict[tuple, Tensor] = {}  # per set of fast-folded layers: gate channel → inverse position
+
+    @staticmethod
+    def _values(layers: Sequence[nn.Module], eps: Tensor, training: bool) -> tuple[list[FoldValues], Tensor | None]:
+        sizes = [layer.bn.num_features for layer in layers]
+        gamma = torch.cat([layer.bn.weight for layer in layers])
+        with torch.no_grad():
+            std_run = torch.sqrt(torch.cat([layer.bn.running_var for layer in layers]) + eps)
+        scale = gamma / std_run
+        bias = safe = inverse = None
+        if not training or any(layer.bn_frozen for layer in layers):
+            mean_run = torch.cat([layer.bn.running_mean for layer in layers]).detach()
+            bias = torch.cat([layer.bn.bias for layer in layers]) - scale * mean_run
+        if training and any(layer.fast_fold_active for layer in layers):
+            safe_gamma = torch.where(gamma.abs() < SAFE_GAMMA, torch.where(gamma < 0, -SAFE_GAMMA, SAFE_GAMMA), gamma)
+            safe = safe_gamma / std_run
+            inverse = std_run / safe_gamma
+        split = [(None,) * len(layers) if t is None else t.split(sizes) for t in (scale, std_run, bias, safe, inverse)]
+        return [FoldValues(*v) for v in zip(*split, strict=True)], inverse
+
+    def begin(self) -> None:
+        """Compute every folded layer's values for the coming forward."""
+        self._step, self._inverse = self._values(self.layers, self.eps, self.training)
+
+    def end(self) -> None:
+        """Forget the forward's values."""
+        self._step = self._inverse = None
+
+    def values(self, layer: nn.Module) -> FoldValues:
+        """`layer`'s fold values of this forward, or computed for it alone outside a forward."""
+        if self._step is not None:
+            return self._step[layer.fold_row]
+        bn = layer.bn
+        eps = torch.full((bn.num_features,), float(bn.eps), device=bn.running_var.device)
+        return self._values([layer], eps, layer.training)[0][0]
+
+    def gate_scale(self, channels: int, rows: dict[int, tuple[int, int]]) -> Tensor | None:
+        """This step's factor (laid out like a gate bank's channel part of `channels` entries) for the pruning gates of
+        fast-folded layers: their inverse fold scale, 1 elsewhere; None when no layer is fast-folded. `rows` maps a
+        folded layer's row here to the (start, size) of its weight quantizer's pruning gates there."""
+        if self._inverse is None:
+            return None
+        active = tuple(i for i, layer in enumerate(self.layers) if layer.fast_fold_active and i in rows)
+        index = self._gate_index.get(active)
+        if index is None or index.device != self._inverse.device:
+            index = torch.full((channels,), sum(self.sizes), dtype=torch.long)
+            for i in active:
+                start, size = rows[i]
+                index[start:start + size] = torch.arange(self.starts[i], self.starts[i] + size)
+            index = self._gate_index[active] = index.to(self._inverse.device)
+        return torch.cat([self._inverse, self._inverse.new_ones(1)])[index]

@@ -23,6 +23,9 @@ class QuantConfig:
     reg_type: 'const' (every level costs 1) or 'bop' (level bit width times the layer's MACs / max MACs, §3.1).
     learned_scale: 'range' learns x_max; None keeps the calibrated x_max fixed (the operator always clips,
         so the reference's unclipped None mode is not reproduced; its buggy 'scale' mode is left out, A2).
+    bn_fold: how a BatchNorm folded into a quantized layer trains (A13): 'exact' (the paper's, §4.3: a second,
+        float-weight conv gives the batch statistics) or 'fast' (one conv; batch statistics of its output taken
+        back to the unfolded scale). Eval, frozen BN, fine-tuning and export are the same for both.
     """
 
     gamma_4_init: float = 6.0
@@ -38,6 +41,7 @@ class QuantConfig:
     gating_method: Literal["l0", "fixed"] = "l0"
     reg_type: Literal["const", "bop"] = "const"
     learned_scale: Literal["range"] | None = "range"
+    bn_fold: Literal["exact", "fast"] = "exact"
 
     def __post_init__(self) -> None:
         if self.prune_only and not self.include_pruning:
@@ -48,6 +52,8 @@ class QuantConfig:
             raise ValueError(f"gating_method must be 'l0' or 'fixed', got {self.gating_method!r}")
         if self.reg_type not in ("const", "bop"):
             raise ValueError(f"reg_type must be 'const' or 'bop', got {self.reg_type!r}")
+        if self.bn_fold not in ("exact", "fast"):
+            raise ValueError(f"bn_fold must be 'exact' or 'fast', got {self.bn_fold!r}")
         if self.learned_scale not in ("range", None):
             raise ValueError(
                 f"learned_scale must be 'range' or None, got {self.learned_scale!r} "

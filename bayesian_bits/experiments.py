@@ -68,7 +68,9 @@ def get_experiment(name: str, model: str) -> Experiment:
 def quant_config(options: Mapping[str, Any] | argparse.Namespace) -> QuantConfig:
     """The model's ``QuantConfig`` from run options (parsed flags, or a checkpoint's ``options``; same names)."""
     values = vars(options) if isinstance(options, argparse.Namespace) else options
-    return QuantConfig(**{f.name: values[f.name] for f in dataclasses.fields(QuantConfig)})
+    config = {f.name: values[f.name] for f in dataclasses.fields(QuantConfig) if f.name != "bn_fold"}
+    # Checkpoints written before --bn-fold trained with the exact fold, the only one there was.
+    return QuantConfig(**config, bn_fold=values.get("bn_fold") or "exact")
 
 
 def input_shape(options: Mapping[str, Any]) -> tuple[int, int, int, int]:

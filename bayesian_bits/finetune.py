@@ -11,7 +11,9 @@ from .quantizer import BayesianBitsQuantizer, FixedQuantizer
 
 
 def _fixed(q: BayesianBitsQuantizer) -> FixedQuantizer:
-    return FixedQuantizer(q.x_max, signed=q.is_signed, bits=q.bit_width(), mask=q.keep_mask())
+    fixed = FixedQuantizer(q.x_max, signed=q.is_signed, bits=q.bit_width(), mask=q.keep_mask())
+    fixed.absorbs_relu = q.absorbs_relu
+    return fixed
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from . import gates
 LEVELS = len(GATED_BITS)
 STEPS = tuple(b // 2 for b in GATED_BITS)  # the bits each level adds: 2, 4, 8, 16
 ATTRIBUTE = "bb_gates"
+FOLDS = "bb_folds"  # the fold bank (fold_bank.FoldBank) whose step the gate bank's begins
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,13 @@ class GateBank(nn.Module):
         self.register_buffer(name, torch.tensor(values, dtype=torch.bool), persistent=False)
 
     # -- views ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _split(flat: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """(level part rows × 4, channel part) of `flat` laid out like `gamma_logits`, as one split (its backward is a
+        single cat)."""
+        levels, channels = flat.split([rows * LEVELS, flat.numel() - rows * LEVELS])
+        return levels.view(rows, LEVELS), channels
+
     def level_rows(self, flat: Tensor) -> Tensor:
         """The level part (Q × 4) of a tensor laid out like `gamma_logits`."""
         return flat[: self.rows * LEVELS].view(self.rows, LEVELS)
@@ -113,19 +121,27 @@ class GateBank(nn.Module):
         live = alive & (level_logits > gates.SKIP_BELOW)
         if training:
             alive.copy_(live)
-        chain = torch.cumprod(live.to(g.dtype), 1)
-        return g[: rows * LEVELS].view(rows, LEVELS) * chain, g[rows * LEVELS:]
+        levels, channels = self._split(g, rows)
+        return levels * torch.cumprod(live, 1), channels
 
     def begin(self) -> None:
-        """Compute every row's gates for the coming forward (training: one sample per gate and forward)."""
+        """Compute every row's gates for the coming forward (training: one sample per gate and forward), after the
+        model's fold bank began its step (the fast fold's inverse scales multiply the pruning gates they apply to)."""
+        folds = self.__dict__.get("folds")
+        scale = None
+        if folds is not None:
+            folds.begin()
+            scale = folds.gate_scale(self.channel_row.numel())
         training = self.training
-        cacheable = not training and not torch.is_grad_enabled() and self.pinned is None \
+        cacheable = not training and not torch.is_grad_enabled() and self.pinned is None and scale is None \
             and not torch.compiler.is_compiling()
         key = (self.gamma_logits._version, self.alive._version, self.gamma_logits.data_ptr(), self.alive.data_ptr())
         if cacheable and self._eval_cache is not None and self._eval_cache[0] == key:
             self._step = self._eval_cache[1]
             return
         levels, channels = self._gates(self.gamma_logits, self.alive, self.rows, training)
+        if scale is not None:
+            channels = channels * scale
         # unbind / split: one stack / cat in the backward instead of a scatter per quantizer
         segments = channels.split([n for n in self.sizes if n]) if channels.numel() else ()
         by_row, it = [], iter(segments)
@@ -138,6 +154,9 @@ class GateBank(nn.Module):
     def end(self) -> None:
         """Forget the forward's gates (a quantizer called on its own afterwards computes its row again)."""
         self._step = None
+        folds = self.__dict__.get("folds")
+        if folds is not None:
+            folds.end()
 
     def forward(self, value: Any, stage: str) -> Any:
         """`value` unchanged, after `begin` (stage 'begin') or `end` ('end'): the nodes `prepare` puts at the start and
@@ -186,13 +205,18 @@ class GateBank(nn.Module):
     def row_regularizers(self) -> Tensor:
         """R_q of §3.1 per row: the expected level costs (full bit width per level), times the mean keep probability of
         its channels when it has pruning gates, else plus the constant 1."""
-        q = gates.prob_on(self.gamma_logits)
-        reach = torch.cumprod(self.level_rows(q), 1)  # q4, q4q8, q4q8q16, q4q8q16q32
-        levels = (reach * self.level_cost[:, 1:]).sum(1)
+        level_logits, channel_logits = self._split(self.gamma_logits, self.rows)
+        levels = (self._reach(level_logits) * self.level_cost[:, 1:]).sum(1)
         if not self.channel_row.numel():
             return 1.0 + levels
-        kept = self.mean_per_row(self.channel_part(q))
+        kept = self.mean_per_row(gates.prob_on(channel_logits))
         return torch.where(self.has_channels, kept * (self.level_cost[:, 0] + levels), 1.0 + levels)
+
+    @staticmethod
+    def _reach(level_logits: Tensor) -> Tensor:
+        """(q4, q4q8, q4q8q16, q4q8q16q32) per row, q = P(z ≠ 0): as exp(cumsum(log q)), whose backward is a few ops
+        where cumprod's is a dozen."""
+        return torch.exp(torch.cumsum(gates.log_prob_on(level_logits), 1))
 
     def _chain(self) -> Tensor:
         return torch.cumprod((self.alive & (self.level_rows(self.gamma_logits).detach() > gates.SKIP_BELOW)).float(), 1)
@@ -200,7 +224,7 @@ class GateBank(nn.Module):
     def expected_bits(self) -> Tensor:
         """E[bit width] per row (differentiable): 2 + Σ_k step_k·Π_{j≤k} q_j over the live chain in GATED mode, the
         fixed bits otherwise (float: 32, as BOPs count it)."""
-        reach = torch.cumprod(gates.prob_on(self.level_rows(self.gamma_logits)) * self._chain(), 1)
+        reach = self._reach(self.level_rows(self.gamma_logits)) * self._chain()  # a 0/1 prefix: cumprod(q·live)
         return torch.where(self.gated, 2.0 + (reach * self.steps).sum(1), self.counted_bits)
 
     def keep_probabilities(self) -> Tensor:
@@ -260,8 +284,10 @@ def banks(model: nn.Module) -> list[GateBank]:
 
 
 def remove(model: nn.Module) -> None:
-    """Take a prepared model's bank out (its graph nodes and the submodule): after `convert_to_fixed` no quantizer
-    reads it."""
+    """Take a prepared model's bank out (its graph nodes and the submodule, and the fold bank it runs): after
+    `convert_to_fixed` no quantizer reads it."""
+    if hasattr(model, FOLDS):
+        delattr(model, FOLDS)
     if not isinstance(getattr(model, ATTRIBUTE, None), GateBank):
         return
     graph = model.graph

@@ -18,13 +18,18 @@ SKIP_BELOW = -2.0  # gamma <= −2 ends the gate chain (§1.8)
 def sample(gamma: Tensor) -> Tensor:
     """One stretched-and-clamped hard-concrete sample per entry of `gamma` (gating method 'l0')."""
     u = torch.rand_like(gamma)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + gamma) / BETA)
-    return torch.clamp(s * (ZETA - GAMMA_HC) + GAMMA_HC, 0.0, 1.0)
+    return _stretch(torch.sigmoid((torch.logit(u) + gamma) / BETA))  # logit(u) = log u − log(1 − u)
 
 
 def hard_sigmoid(gamma: Tensor) -> Tensor:
     """The deterministic training gate of gating method 'fixed'."""
-    return torch.clamp(torch.sigmoid(gamma / BETA) * (ZETA - GAMMA_HC) + GAMMA_HC, 0.0, 1.0)
+    return _stretch(torch.sigmoid(gamma / BETA))
+
+
+def _stretch(s: Tensor) -> Tensor:
+    """s·(ζ − γ_hc) + γ_hc clamped to [0, 1]: hardtanh, whose backward is one op (clamp's passes the gradient at the
+    bounds too, a set of measure zero, §2)."""
+    return torch.nn.functional.hardtanh(s * (ZETA - GAMMA_HC) + GAMMA_HC, 0.0, 1.0)
 
 
 def eval_gate(gamma: Tensor) -> Tensor:
@@ -35,6 +40,11 @@ def eval_gate(gamma: Tensor) -> Tensor:
 def prob_on(gamma: Tensor) -> Tensor:
     """q(gamma) = P(z ≠ 0) = σ(gamma − offset), the probability the regulariser uses (§2)."""
     return torch.sigmoid(gamma - OFFSET)
+
+
+def log_prob_on(gamma: Tensor) -> Tensor:
+    """log q(gamma) = log σ(gamma − offset), finite for every finite gamma."""
+    return torch.nn.functional.logsigmoid(gamma - OFFSET)
 
 
 def prob_one(gamma: Tensor, method: str = "l0") -> Tensor:

@@ -45,6 +45,7 @@ from bbkernels import ladder
 from . import gate_bank
 from .config import QuantConfig
 from .dataflow import ATTRIBUTE, INPUT_BITS, Dataflow, Region, Slice, Term
+from .fold_bank import FoldBank
 from .layers import QUANT_LAYERS, QuantLayer, quant_layer
 from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode, quantizers
 
@@ -328,7 +329,7 @@ class _Converter:
                                  weight=True) if self.config.weight_quant else None
             aq = None if is_logits else self._act_quantizer(settings)
             self._set_module(node.target, quant_layer(m, bn=bn, activation=act, weight_quantizer=wq,
-                                                      act_quantizer=aq))
+                                                      act_quantizer=aq, bn_fold=self.config.bn_fold))
             if fused:
                 node.meta["tensor_meta"] = fused[-1].meta.get("tensor_meta")
                 fused[-1].replace_all_uses_with(node)
@@ -588,14 +589,43 @@ def prepare(
                     tuple(tuple(x.shape) for x in inputs))
     setattr(gm, ATTRIBUTE, flow)
     gm.bb_example_inputs = inputs
+    _absorb_relus(gm, graph)
+    gm.recompile()
+    gm.delete_all_unused_submodules()
     _attach_gate_bank(gm, graph)
     gm.recompile()
     return gm.train()
 
 
+def _absorb_relus(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """A standalone ReLU whose only user is an activation quantizer becomes part of that quantizer (`absorbs_relu`):
+    calibrated on its output, the quantizer's grid is unsigned and clips at 0 itself, so the ReLU would change
+    neither values nor gradients but cost a kernel each way. (A layer's own ReLU is skipped by the layer.)"""
+    for node in list(graph.nodes):
+        q = _module_of(gm, node)
+        if not isinstance(q, BayesianBitsQuantizer) or len(node.args) != 1:
+            continue
+        relu = node.args[0]
+        if not isinstance(relu, fx.Node) or len(relu.users) != 1 or not _is_plain_relu(relu, gm):
+            continue
+        q.absorbs_relu = True
+        node.args = (relu.args[0],)
+        graph.erase_node(relu)
+
+
+def _is_plain_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    module = _module_of(gm, node)
+    if module is not None:
+        return type(module) is nn.ReLU
+    extra = [a for a in node.args[1:] if a is not False] + [v for k, v in node.kwargs.items() if k != "inplace"]
+    return node.op in ("call_function", "call_method") and node.target in (F.relu, torch.relu, "relu") and \
+        bool(node.args) and isinstance(node.args[0], fx.Node) and not extra
+
+
 def _attach_gate_bank(gm: fx.GraphModule, graph: fx.Graph) -> None:
-    """Move every Bayesian Bits quantizer's gate logits into one `GateBank` (submodule `bb_gates`) and run its
-    `begin` first and its `end` last in every forward (nodes wrapping the first input and the output)."""
+    """Move every Bayesian Bits quantizer's gate logits into one `GateBank` (submodule `bb_gates`), the folded layers'
+    per-channel arithmetic into one `FoldBank` (`bb_folds`), and run the banks' `begin` first and `end` last in every
+    forward (nodes wrapping the first input and the output)."""
     found = [q for _, q in quantizers(gm) if isinstance(q, BayesianBitsQuantizer)]
     if not found:
         return
@@ -603,6 +633,19 @@ def _attach_gate_bank(gm: fx.GraphModule, graph: fx.Graph) -> None:
     for row, q in enumerate(found):
         q.join(bank, row)
     gm.add_submodule(gate_bank.ATTRIBUTE, bank)
+    layers = [m for m in gm.modules() if isinstance(m, QuantLayer) and m.folds]
+    if layers:  # their fold values: a fold bank whose step the gate bank begins
+        rows = {}
+        for i, layer in enumerate(layers):
+            q = layer.weight_quantizer
+            if isinstance(q, BayesianBitsQuantizer) and q.bank is bank and bank.specs[q.row].prunes \
+                    and bank.sizes[q.row]:
+                rows[i] = (bank.starts[q.row], bank.sizes[q.row])
+        folds = FoldBank(layers, rows)
+        for i, layer in enumerate(layers):
+            layer.join_folds(folds, i, i in rows)
+        gm.add_submodule(gate_bank.FOLDS, folds)
+        bank.__dict__["folds"] = folds  # a reference: the model owns the fold bank
     first = next(n for n in graph.nodes if n.op == "placeholder")
     with graph.inserting_after(first):
         begin = graph.call_module(gate_bank.ATTRIBUTE, (first, "begin"))

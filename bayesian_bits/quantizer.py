@@ -44,6 +44,12 @@ class _Quantizer(nn.Module):
         super().__init__()
         self.x_max = nn.Parameter(torch.tensor([float(x_max)]), requires_grad=learn_range)
         self.register_buffer("signed", torch.tensor(signed))
+        # A ReLU in front that `prepare` took in: applied only while it changes something (before calibration);
+        # calibrated on its output, the grid is unsigned and clips at 0 itself.
+        self.absorbs_relu = False
+
+    def _absorbed(self, x: Tensor) -> Tensor:
+        return torch.relu(x) if self.absorbs_relu and not self.clips_at_zero else x
 
     @property
     def mode(self) -> Mode:
@@ -58,6 +64,13 @@ class _Quantizer(nn.Module):
     def is_calibrated(self) -> bool:
         """Whether the range has been set (always, for a frozen quantizer)."""
         return True
+
+    @property
+    def clips_at_zero(self) -> bool:
+        """Whether the output is clipped below at 0 (a calibrated unsigned grid), so a ReLU in front changes nothing:
+        neither the values nor the gradients (the clip's derivative is 0 below 0 too)."""
+        return self.mode is not Mode.FLOAT and not self._signed and self.is_calibrated and \
+            not getattr(self, "calibrating", None)
 
     def _sync(self) -> None:
         """Refresh the Python mirrors of buffers (the operator takes Python values; no host sync per step)."""
@@ -223,8 +236,11 @@ class BayesianBitsQuantizer(_Quantizer):
         """Per-output-channel pruning gates g2 of this forward (never skipped), or None without pruning."""
         return self.bank.row_gates(self.row)[1]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channel_scale: Tensor | None = None) -> Tensor:
+        """The quantized `x`; `channel_scale`, a per-output-channel factor, multiplies the output with the pruning
+        gates (the fast BN fold's inverse scale)."""
         _check_float(x, type(self).__name__)
+        x = self._absorbed(x)
         if self.calibrating:
             self._init_range(x)
         elif not self._initialized:
@@ -233,9 +249,12 @@ class BayesianBitsQuantizer(_Quantizer):
                 "once after building the model (or load a calibrated state_dict)"
             )
         levels, g2 = self.bank.row_gates(self.row)
+        channels = g2 if self.prune_only or self.mode is Mode.GATED else None
+        if channel_scale is not None:
+            channels = channel_scale if channels is None else channels * channel_scale
         if self.mode is Mode.GATED:
-            return bbkernels.bb_quantize(x, self.x_max, levels, g2, signed=self._signed)
-        return self._fixed_or_float(x, self.fixed_bits, g2 if self.prune_only else None)
+            return bbkernels.bb_quantize(x, self.x_max, levels, channels, signed=self._signed)
+        return self._fixed_or_float(x, self.fixed_bits, channels)
 
     @torch.no_grad()
     def bit_width(self) -> int | None:
@@ -297,7 +316,7 @@ class FixedQuantizer(_Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_float(x, type(self).__name__)
-        return self._fixed_or_float(x, self._bits, self.mask)
+        return self._fixed_or_float(self._absorbed(x), self._bits, self.mask)
 
     def bit_width(self) -> int | None:
         """The fixed bit width, None for FLOAT."""

@@ -38,8 +38,10 @@ def test_bank_gives_the_pinned_per_quantizer_values(name: str) -> None:
     for key in ("quantizers", "regularizer", "expected_bops", "relative_bops", "responsive_share", "eval_logits",
                 "train_logits"):
         _close(got[key], want[key], rel=2e-5, path=key)
+    # The bank takes q4·q8·… as exp(cumsum(log σ)), whose gradient keeps 1 − q where the old cumprod's σ(1 − σ) lost
+    # it to cancellation (1 − q ≈ 5e-4 at gamma 6: up to 3e-4 relative error in the pins, checked against float64).
     for key in ("regularizer_grads", "expected_bops_grads", "train_grads"):
-        _close(got[key], want[key], rel=2e-4, path=key)
+        _close(got[key], want[key], rel=1e-3, path=key)
 
 
 def test_one_bank_per_prepared_model_and_views_write_through() -> None:

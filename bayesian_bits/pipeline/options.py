@@ -131,6 +131,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     "fixed-bit quantization plus learned pruning")
     bb.add_argument("--fixed-8bit", action="store_true", help="fixed W8A8 quantization with learned ranges")
     bb.add_argument("--fixed-48bit", action="store_true", help="fixed W4A8 quantization with learned ranges")
+    bb.add_argument("--bn-fold", default=None, choices=["exact", "fast"],
+                    help="how BatchNorm folded into a quantized layer trains: exact = the paper's (a second, "
+                    "float-weight conv gives the batch statistics), fast = one conv, batch statistics of its output "
+                    "at the unfolded scale (default: exact for the paper models, fast for other models); eval and "
+                    "export are the same for both")
     bb.add_argument("--static-fold-bn", action="store_true",
                     help="fold BatchNorm with its running statistics from the start (statistics frozen)")
     bb.add_argument("--checkpointing", action=_DoesNothing, nargs=0, default=False,
@@ -216,6 +221,8 @@ def check_train_options(args: argparse.Namespace) -> None:
         if missing:
             raise UsageError(f"train needs {' and '.join(missing)} (only --eval-only takes them from its checkpoint)")
     check_model_options(args)
+    if args.bn_fold is None and args.model is not None:
+        args.bn_fold = "exact" if args.model in MODELS else "fast"
     if args.prune_only and not args.include_pruning:
         raise UsageError("--prune-only needs --include-pruning; add --include-pruning")
     if args.fixed_8bit and args.fixed_48bit:

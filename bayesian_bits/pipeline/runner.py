@@ -298,6 +298,10 @@ class Run:
         missing = [k for k in RESUME_KEYS if k not in ckpt]
         if missing or not isinstance(ckpt["options"], dict):
             raise CheckpointError(f"{flag}: cannot be resumed: no {', '.join(missing) or 'options'} entries")
+        if any(k.endswith(".gamma_4") for k in ckpt.get("model", {})):
+            raise CheckpointError(f"{flag}: written before the gate bank (gate logits per quantizer), so its optimizer "
+                                  "state does not fit this version; --eval-only and export read it, training "
+                                  "starts anew")
         old, new = ckpt["options"], vars(self.args)
         diffs = [f"--{k.replace('_', '-')} {new[k]!r} (checkpoint: {old[k]!r})" for k in sorted(new)
                  if k in old and k not in RUN_INDEPENDENT and old[k] != new[k]]

@@ -91,6 +91,7 @@ class FoldBank(nn.Module):
         self.starts = [sum(self.sizes[:i]) for i in range(len(layers))]
         self.gate_rows = dict(gate_rows)
         self._step: list[FoldValues] | None = None
+        self._statistics: list[tuple[nn.Module, Tensor, Tensor]] = []  # (BatchNorm, μ_B, var) of this forward
         self._pending = False  # a step began; its values are computed when first asked for (eval)
         self._inverse: Tensor | None = None  # this step's flat inverse scale (fast fold, training)
         self._gate_index: dict[tuple, Tensor] = {}  # per set of fast-folded layers: gate channel → inverse position
@@ -105,6 +106,7 @@ class FoldBank(nn.Module):
         inverse scale), else when a layer first asks (an eval forward with cached weights needs none). Each layer's
         own flags decide, never the bank's, which a copied model may hold unregistered."""
         self._step = self._inverse = None
+        self._statistics = []
         self._pending = True
         if any(layer.batch_statistics for layer in self.layers):
             self._compute()
@@ -117,9 +119,16 @@ class FoldBank(nn.Module):
             torch._foreach_add_(counts, 1)
 
     def end(self) -> None:
-        """Forget the forward's values."""
+        """Update the running statistics the forward's layers handed in (all at once), and forget its values."""
+        if self._statistics:
+            bn_fold.update_running(*zip(*self._statistics, strict=True))
+        self._statistics = []
         self._step = self._inverse = None
         self._pending = False
+
+    def statistics(self, bn: nn.Module, mean: Tensor, var: Tensor) -> None:
+        """A layer's batch statistics of this forward, for the running ones at its end."""
+        self._statistics.append((bn, mean, var))
 
     def values(self, layer: nn.Module) -> FoldValues:
         """`layer`'s fold values of this forward, or computed for it alone outside a forward (then the layer counts

@@ -86,6 +86,13 @@ class QuantLayer(nn.Module):
         self.fold_row = row
         self.gates_carry_fold = gates_carry_fold
 
+    def _batch_statistics(self, mean: Tensor, var: Tensor) -> None:
+        """Hand this batch's statistics to the running ones: at the step's end with every layer's, or now."""
+        if self._in_fold_step():
+            self.__dict__["_fold_bank"].statistics(self.bn, mean, var)
+        else:
+            bn_fold.update_running([self.bn], [mean], [var])
+
     def _in_fold_step(self) -> bool:
         bank = self.__dict__.get("_fold_bank")
         return bank is not None and bank.in_step
@@ -138,8 +145,9 @@ class QuantLayer(nn.Module):
                 weight = self.weight_quantizer(self.weight * per_channel(fold.scale, self.weight.dim(), 0))
                 # A second, float-weight pass gives the batch statistics (§4.3).
                 fused = act if type(act) in bn_fold.FUSED_CLAMPS else None
-                y = bn_fold.fold_train(self.op(x, weight, None), self.op(x, self.weight, None), bn, fused,
-                                       fold.std_run)
+                y, mean, var = bn_fold.fold_train(self.op(x, weight, None), self.op(x, self.weight, None), bn,
+                                                  fused, fold.std_run)
+                self._batch_statistics(mean, var)
                 act = None if fused is not None else act
         if act is not None:
             y = act(y)

@@ -1,7 +1,9 @@
-"""bbkernels: the fused Bayesian Bits quantize-and-gate operator and its backend kernels."""
+"""bbkernels: the fused Bayesian Bits quantize-and-gate operator, the fused exact BatchNorm fold of training, and
+their backend kernels."""
 
 from . import reference
 from .backends import ENV_VAR, available_backends, is_available, resolve_backend
+from .fold_ops import fold_bn
 from .functional import bb_quantize, fixed_quantize
 
 __all__ = [
@@ -9,6 +11,7 @@ __all__ = [
     "available_backends",
     "bb_quantize",
     "fixed_quantize",
+    "fold_bn",
     "is_available",
     "reference",
     "resolve_backend",

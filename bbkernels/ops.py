@@ -8,7 +8,8 @@ Registrations, as in bitsandbytes' `_ops.py` + `backends/`:
   ($BBKERNELS_BACKEND, else C++ on CPU and Triton → CUDA C++ on CUDA, see backends.py);
 - fake (meta) implementations, so torch.compile and CUDA graphs see one opaque op.
 Every implementation, fake included, first checks the contract (`validation.check_operands`); the real ones also
-check the values (`validation.check_values`), so no kernel ever sees arguments it cannot handle.
+check the values (`validation.check_values`: a ValueError for CPU tensors; elsewhere each kernel turns an invalid x_max
+or gate into NaN outputs itself, with no launch or host synchronisation of its own).
 
 `bbkernels::quantize_on` / `quantize_backward_on` take a backend name as a last argument: the explicit
 `backend=` of the public functions (tests, benchmarks), with the same checks.

@@ -194,8 +194,18 @@ def available() -> bool:
     return True
 
 
+def checked_x_max(x_max: Tensor, gates: Tensor | None) -> Tensor:
+    """x_max, or NaN when it lies outside X_MAX_RANGE or a gate is not finite: the value check every kernel makes on
+    its own (on CPU tensors the op raises first, see validation.check_values)."""
+    ok = (x_max >= X_MAX_RANGE[0]) & (x_max <= X_MAX_RANGE[1])
+    if gates is not None:
+        ok = ok & torch.isfinite(gates).all()
+    return torch.where(ok, x_max, torch.nan)
+
+
 def forward(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int) -> Tensor:
     """The op's forward (bits = 0: the gated chain; else fixed-bit with g2 as the mask)."""
+    x_max = checked_x_max(x_max, gates)
     if bits:
         return fixed_quantize(x, x_max, bits, g2, signed=signed)
     return bb_quantize(x, x_max, gates, g2, signed=signed)
@@ -205,5 +215,6 @@ def backward(
     grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op's backward: the closed form in float64, as (dx in x's dtype, dx_max[1], dgates[4], dg2[C]) fp32."""
+    x_max = checked_x_max(x_max, gates)
     dx, dxm, dgates, dg2 = closed_form_grads(grad, x, x_max, gates, g2, signed=signed, bits=bits)
     return dx.to(x.dtype), dxm.reshape(1).float(), dgates.float(), dg2.float()

@@ -25,6 +25,7 @@ from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import ladder
+from .reference import X_MAX_RANGE
 
 # The ladder (bbkernels/ladder.py) as compile-time constants.
 N_LEVELS = tl.constexpr(len(ladder.BITS))
@@ -32,6 +33,7 @@ DIVISORS = tl.constexpr(tuple(float(d) for d in ladder.LEVEL_DIVISORS))  # s_{k+
 INV_C = tl.constexpr(tuple(1.0 / c for c in ladder.LEVEL_C))  # 1/c_k
 SHRINK = tl.constexpr(ladder.SHRINK_FP32)  # fl32(1 − 1e−7) = 1 − 2^−23 (SPEC B §1.4)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+X_MAX_LO, X_MAX_HI = (tl.constexpr(v) for v in X_MAX_RANGE)
 NAN = tl.constexpr(float("nan"))
 N_PARTIALS = tl.constexpr(len(ladder.GATED_BITS) + 2)  # per tile: dx_max, dg4, dg8, dg16, dg32, dg2[c]
 FINISH_BLOCK = 1024  # elements per step of the combining kernel
@@ -77,10 +79,15 @@ def _level(rho, s, INTERPRET: tl.constexpr):
 def _params(x_max_ptr, gates_ptr, SIGNED: tl.constexpr, FIRST: tl.constexpr, GATED: tl.constexpr):
     """Scalar prologue (SPEC B §10.1): clip bounds, the active grid steps, the effective gates, the depth L.
 
-    A non-positive or non-finite x_max gives NaN bounds, so every output is NaN.
+    An x_max outside X_MAX_RANGE or a non-finite gate gives NaN bounds, so every output is NaN (the op's value
+    check on devices other than the CPU: no extra launch, no synchronisation).
     """
     x_max = tl.load(x_max_ptr)
-    x_max = tl.where((x_max > 0.0) & (x_max <= FLT_MAX), x_max, NAN)
+    ok = (x_max >= X_MAX_LO) & (x_max <= X_MAX_HI)
+    if GATED:
+        for k in tl.static_range(N_LEVELS - 1):
+            ok = ok & (tl.abs(tl.load(gates_ptr + k)) <= FLT_MAX)  # false for NaN and ±inf
+    x_max = tl.where(ok, x_max, NAN)
     xm = x_max * SHRINK
     if SIGNED:
         xmin = -xm

@@ -152,16 +152,12 @@ def _values_message(x_max: float, gates: list[float] | None) -> str:
 def check_values(x_max: Tensor, gates: Tensor | None) -> None:
     """x_max (as fp32) within reference.X_MAX_RANGE, finite gates: ValueError on CPU tensors.
 
-    On other devices, and under torch.compile, the check is a device-side assertion (no host synchronisation).
+    On other devices, and under torch.compile, nothing is read here: every kernel turns an x_max outside the range or
+    a non-finite gate into NaN outputs and gradients (no launch, no host synchronisation), which the training loop's
+    finite check reports.
     """
-    x_max32 = x_max.detach().reshape(()).to(torch.float32)
     if x_max.device.type == "cpu" and not torch.compiler.is_compiling():
-        value = x_max32.item()
+        value = x_max.detach().reshape(()).to(torch.float32).item()
         gate_values = None if gates is None else gates.detach().tolist()
         ok = X_MAX_RANGE[0] <= value <= X_MAX_RANGE[1] and all(map(math.isfinite, gate_values or ()))
         torch._check_value(ok, lambda: _values_message(value, gate_values))
-        return
-    ok = (x_max32 >= X_MAX_RANGE[0]) & (x_max32 <= X_MAX_RANGE[1])
-    if gates is not None:
-        ok = ok & torch.isfinite(gates.detach()).all()
-    torch._assert_async(ok, f"bbkernels: x_max must lie in {X_MAX_RANGE} and the gates must be finite")

@@ -2,9 +2,9 @@
 
 `values(name)` builds a paper model, sets its gate logits and ratchet to seeded values, and returns the eval gates,
 bit widths, expected bits and keep shares, the regulariser, expected and eval BOPs, the budget's responsive share,
-the gradients of the regulariser and of a training loss (deterministic 'fixed' gates) with respect to every gate logit
-and range, and the model's outputs. `python -m tests.gate_pins` rewrote tests/data/gate_pins.json from the code before
-the gate bank (commit it once; test_gate_bank.py compares the bank against it).
+the gradients of the regulariser and of a training loss (deterministic 'fixed' gates, BN frozen) with respect to every
+gate logit and range, and the model's outputs. `python -m tests.gate_pins` rewrote tests/data/gate_pins.json from the
+code before the gate bank (commit it once; test_gate_bank.py compares the bank against it).
 """
 
 from __future__ import annotations
@@ -81,6 +81,21 @@ def _set_logits(model: torch.nn.Module, seed: int) -> None:
             q.gamma_2.copy_(torch.rand(q.gamma_2.numel(), generator=gen) * 10 - 3)
 
 
+@torch.no_grad()
+def _round_state(model: torch.nn.Module) -> None:
+    """Ranges rounded to 2 significant digits and seeded BN running statistics: what the calibration forward computed
+    in the last bits (its BN statistics are a kernel's) then decides nothing downstream."""
+    gen = torch.Generator().manual_seed(3)
+    for name, t in model.state_dict().items():
+        if name.endswith("x_max"):
+            digits = 10.0 ** (1 - torch.floor(torch.log10(t.abs().clamp(min=1e-30))))
+            t.copy_(torch.round(t * digits) / digits)
+        elif name.endswith("running_mean"):
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+        elif name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+
+
 def _model(name: str, method: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """The paper model with gating `method`, calibrated with deterministic ('fixed') gates so that no random draw
     decides its ranges, then given seeded gate logits."""
@@ -93,6 +108,7 @@ def _model(name: str, method: str) -> tuple[torch.nn.Module, torch.Tensor]:
         config = bb.QuantConfig(*MODELS[name], include_pruning=True, reg_type="bop", gating_method=m)
         models[m] = bb.build_model(name, config, num_classes=10, input_shape=shape)
     bb.calibrate(models["fixed"], images[:2])
+    _round_state(models["fixed"])
     model = models[method]
     model.load_state_dict(models["fixed"].state_dict())
     bb.assign_macs(model)
@@ -123,6 +139,7 @@ def values(name: str) -> dict:
     budget = bb.BopBudget(model, target_rel_bops=out["relative_bops"] / 2)
     out["responsive_share"] = float(budget.responsive_share())
     fixed, _ = _model(name, "fixed")
+    bb.freeze_batch_norm(fixed)  # the gates' training path; BN's batch statistics are the fold kernels' to test
     fixed.train()
     logits = fixed(images)
     loss = F.cross_entropy(logits, labels)

@@ -179,7 +179,14 @@ def test_fixed_quantizer_keeps_bits_and_mask_in_state_dict():
 # ---- BN folding (§4.3) ----
 
 
-def _folded_pair(kind: str, activation: type[nn.Module] | None = None):
+class NoQuantizer(nn.Module):
+    """A weight "quantizer" that leaves the weight as it is (times a per-channel output factor, as quantizers take)."""
+
+    def forward(self, x, channel_scale=None):
+        return x if channel_scale is None else x * channel_scale.reshape(-1, *(1,) * (x.dim() - 1))
+
+
+def _folded_pair(kind: str, activation: type[nn.Module] | None = None, bn_fold: str = "exact"):
     torch.manual_seed(0)
     act = [] if activation is None else [activation()]
     if kind in ("conv", "depthwise"):
@@ -193,13 +200,14 @@ def _folded_pair(kind: str, activation: type[nn.Module] | None = None):
             bias=False,
             bn=nn.BatchNorm2d(5),
             activation=act[0] if act else None,
-            weight_quantizer=nn.Identity(),
+            weight_quantizer=NoQuantizer(),
+            bn_fold=bn_fold,
         )
         ref = nn.Sequential(nn.Conv2d(5, 5, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(5), *act)
         x = torch.randn(4, 5, 6, 6)
     else:
         layer = QuantLinear(7, 5, bias=False, bn=nn.BatchNorm1d(5), activation=act[0] if act else None,
-                            weight_quantizer=nn.Identity())
+                            weight_quantizer=NoQuantizer(), bn_fold=bn_fold)
         ref = nn.Sequential(nn.Linear(7, 5, bias=False), nn.BatchNorm1d(5), *act)
         x = torch.randn(8, 7)
     with torch.no_grad():
@@ -212,12 +220,15 @@ def _folded_pair(kind: str, activation: type[nn.Module] | None = None):
     return layer, ref, x
 
 
+@pytest.mark.parametrize("bn_fold", ["exact", "fast"])
 @pytest.mark.parametrize(
     ("kind", "activation"),
     [("conv", None), ("linear", None), ("conv", nn.ReLU), ("depthwise", nn.ReLU6), ("linear", nn.ReLU)],
 )
-def test_bn_folding_equals_batchnorm(kind, activation):
-    layer, ref, x = _folded_pair(kind, activation)
+def test_bn_folding_equals_batchnorm(kind, activation, bn_fold):
+    """With the quantizer off both folds are BatchNorm: outputs, gradients, running statistics (the fast fold's
+    γ learns through BatchNorm alone, as float BatchNorm's does)."""
+    layer, ref, x = _folded_pair(kind, activation, bn_fold)
     for _ in range(2):  # training: batch statistics, running statistics updated alike
         y, y_ref = layer(x), ref(x)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)

@@ -5,10 +5,8 @@
 // partials are combined in tile order in double: results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
-#include <vector>
-
+#include "bb_cpu.h"
 #include "bb_quant_math.h"
 
 namespace {
@@ -89,8 +87,12 @@ void backward_span(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t n
   }
 }
 
-at::Tensor forward(const at::Tensor& x, const at::Tensor& x_max, const c10::optional<at::Tensor>& gates,
-                   const c10::optional<at::Tensor>& g2, bool is_signed, int64_t bits) {
+}  // namespace
+
+namespace bbq_cpu {
+
+at::Tensor quantize_forward(const at::Tensor& x, const at::Tensor& x_max, const c10::optional<at::Tensor>& gates,
+                            const c10::optional<at::Tensor>& g2, bool is_signed, int64_t bits) {
   const bbq::Params p = params_of(x_max, gates, is_signed, bits);
   const Layout lay = make_layout(x, g2);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -109,9 +111,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& x_max, const c10::opti
   return y;
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& x_max,
-                                 const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g2,
-                                 bool is_signed, int64_t bits) {
+std::vector<at::Tensor> quantize_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& x_max,
+                                          const c10::optional<at::Tensor>& gates,
+                                          const c10::optional<at::Tensor>& g2, bool is_signed, int64_t bits) {
   const bbq::Params p = params_of(x_max, gates, is_signed, bits);
   const Layout lay = make_layout(x, g2);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -148,9 +150,4 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
   return {dx, dxm, dgates, dg2};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "quantize-and-gate forward (CPU)");
-  m.def("backward", &backward, "quantize-and-gate backward (CPU)");
-}
+}  // namespace bbq_cpu

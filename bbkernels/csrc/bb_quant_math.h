@@ -43,8 +43,11 @@ struct Params {
 BBQ_HD Params make_params(float x_max, bool is_signed, const float* gates, int fixed_bits) {
   Params p;
   const float shrink = 1.0f - 1e-7f;  // rounds to 1 − 2^−23, as the reference's fp32 constant
-  // A non-positive or non-finite x_max poisons every output with NaN rather than garbage.
-  const bool valid = x_max > 0.0f && x_max <= 3.402823466e38f;
+  // An x_max outside [2^−89, 2^123] (reference.X_MAX_RANGE) or a non-finite gate poisons every output with NaN
+  // rather than garbage: the op's value check on a GPU, with no launch or synchronisation of its own.
+  bool valid = x_max >= 0x1p-89f && x_max <= 0x1p123f;
+  if (!fixed_bits && gates)
+    for (int k = 0; k < kLevels - 1; ++k) valid = valid && std::fabs(gates[k]) <= 3.402823466e38f;
   const float xmax = valid ? x_max : NAN;
   p.xm = xmax * shrink;
   p.xmin = is_signed ? -p.xm : 0.0f;

@@ -1,0 +1,9 @@
+// Python binding of the CPU extension: the quantize-and-gate operator and the exact BatchNorm fold.
+#include "bb_cpu.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &bbq_cpu::quantize_forward, "quantize-and-gate forward (CPU)");
+  m.def("backward", &bbq_cpu::quantize_backward, "quantize-and-gate backward (CPU)");
+  m.def("fold_forward", &bbq_cpu::fold_forward, "exact BatchNorm fold of training, forward (CPU)");
+  m.def("fold_backward", &bbq_cpu::fold_backward, "exact BatchNorm fold of training, backward (CPU)");
+}

@@ -66,6 +66,11 @@ def fold_train(res: Tensor, y_float: Tensor, bn: _BatchNorm, activation: nn.Modu
     return out, mean, var
 
 
+def untrained(bn: _BatchNorm) -> bool:
+    """Whether `bn` still has the running statistics it was built with (mean 0, variance 1): it has seen no data."""
+    return bool((bn.running_mean == 0).all() and (bn.running_var == 1).all())
+
+
 @torch.no_grad()
 def update_running(norms: Sequence[_BatchNorm], means: Sequence[Tensor], variances: Sequence[Tensor]) -> None:
     """Move each BatchNorm's running statistics towards its batch's (unbiased variance, as nn.BatchNorm does), one

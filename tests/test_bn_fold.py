@@ -172,3 +172,19 @@ def test_bn_fold_round_trips_through_checkpoints_and_resume(tmp_path: Path, monk
                  "--n-workers", "0", "--logdir", str(tmp_path / "eval")]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["top1"] == json.loads((tmp_path / "straight" / "summary.json").read_text())["top1"]
+
+
+def test_fast_fold_calibration_starts_untrained_running_statistics_at_the_data() -> None:
+    """The fast fold scales the weight by γ/σ_run and takes its statistics from the quantized conv: from σ_run = 1,
+    far from the data's, the folded weight would land outside its calibrated range and the clipped output drag σ_run
+    down with it. Calibration starts an untrained BN's running statistics at the batch's float-weight statistics;
+    the exact fold keeps the reference's calibration (one momentum step from mean 0, variance 1)."""
+    for bn_fold in ("fast", "exact"):
+        model, x = _cnn(bn_fold)
+        layer = model.get_submodule("0")
+        var, mean = torch.var_mean(F.conv2d(x[:2], layer.weight, None, 1, 1), (0, 2, 3), correction=1)
+        if bn_fold == "exact":
+            mean, var = 0.1 * mean, 0.9 + 0.1 * var
+        # the fast fold's own batch statistics (8-bit weights) then move them by 0.1 of a nearly equal value
+        torch.testing.assert_close(layer.bn.running_mean, mean, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(layer.bn.running_var, var, rtol=2e-2, atol=1e-3)

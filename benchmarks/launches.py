@@ -1,10 +1,11 @@
 """Kernel launches per training step and per eval forward, counted as a GPU would see them.
 
 A `TorchDispatchMode` counts every ATen op that reaches a kernel: views and allocations are left out (they launch
-nothing), and the ATen ops inside the project's custom ops (`bbkernels::*`: contract checks, dtype casts) are counted
-as well as the op itself (its kernel). The count depends only on the model and the code, not on the machine, so it is
-the same figure everywhere; host-device synchronisations (`aten._local_scalar_dense`: `.item()`, `bool(t)`) are
-reported beside it.
+nothing), and the ATen ops inside the project's custom ops (`bbkernels::*`) are counted as well as the op itself (its
+kernel; on a GPU its Triton implementation launches 1 (quantize forward, 2 backward) or 3 (fold) kernels). The count
+depends only on the model and the code, not on the machine, so it is the same figure everywhere. Host reads of
+device values (`.item()`, `bool(t)`: a synchronisation on a GPU) are reported beside it, except the operator's
+eager value check on CPU tensors (on a GPU the kernels check the values themselves, see bbkernels/validation.py).
 
     .venv/bin/python -m benchmarks.launches [--models resnet18 mobilenet_v2 vit] [--batch 2] [--size 64]
                                             [--top 12] [--json F]
@@ -59,18 +60,23 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.syncs = 0
+        self._in_op = False  # inside a bbkernels op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _name(func)
         if name in SYNCS:
-            self.syncs += 1
+            self.syncs += not self._in_op
         elif not (_is_view(func) or name in ALLOCATIONS or func.namespace == "profiler"):
             namespace = func.namespace
             self.counts[name if namespace == "aten" else f"{namespace}::{name}"] += 1
-            if namespace.startswith("bbkernels"):
-                with self:  # what the custom op runs besides its kernel is launched too: run its device kernel
-                    return func.redispatch(_device_keys(args), *args, **kwargs)
+            if namespace.startswith("bbkernels") and not self._in_op:
+                self._in_op = True
+                try:
+                    with self:  # what the custom op runs besides its kernel is launched too: run its device kernel
+                        return func.redispatch(_device_keys(args), *args, **kwargs)
+                finally:
+                    self._in_op = False
         return func(*args, **kwargs)
 
     @property

@@ -95,10 +95,15 @@ class GateBank(nn.Module):
         """The channel part (all segments) of a tensor laid out like `gamma_logits`."""
         return flat[self.rows * LEVELS:]
 
+    def segment(self, part: Tensor, row: int) -> Tensor | None:
+        """Row `row`'s segment of a tensor laid out like the channel part (None without pruning gates)."""
+        n = self.sizes[row]
+        return part[self.starts[row]:self.starts[row] + n] if n else None
+
     def channel_rows(self, flat: Tensor) -> list[Tensor | None]:
         """Per row, its channel segment of a tensor laid out like `gamma_logits` (None without pruning gates)."""
         part = self.channel_part(flat)
-        return [part[s:s + n] if n else None for s, n in zip(self.starts, self.sizes, strict=True)]
+        return [self.segment(part, row) for row in range(self.rows)]
 
     def levels(self, row: int) -> Tensor:
         """Row `row`'s level logits (4), a view of the parameter."""
@@ -106,8 +111,7 @@ class GateBank(nn.Module):
 
     def channels(self, row: int) -> Tensor | None:
         """Row `row`'s pruning logits, a view of the parameter, or None."""
-        n = self.sizes[row]
-        return self.channel_part(self.gamma_logits)[self.starts[row]:self.starts[row] + n] if n else None
+        return self.segment(self.channel_part(self.gamma_logits), row)
 
     # -- gates -------------------------------------------------------------------------------------------------------
     def _gates(self, logits: Tensor, alive: Tensor, rows: int, training: bool) -> tuple[Tensor, Tensor]:
@@ -172,18 +176,13 @@ class GateBank(nn.Module):
         computed for this row alone (training: sampled, ratchet updated)."""
         if self._step is not None:
             return self._step[0][row], self._step[1][row]
-        n, start = self.sizes[row], self.starts[row]
-        part = self.channel_part(self.gamma_logits)[start:start + n]
-        logits = torch.cat([self.levels(row), part])
         if self.pinned is not None:
             levels, channels = self.pinned
-            return levels[row], self.channel_rows_of(channels)[row]
+            return levels[row], self.segment(channels, row)
+        part = self.channels(row)
+        logits = self.levels(row) if part is None else torch.cat([self.levels(row), part])
         levels, channels = self._gates(logits, self.alive[row:row + 1], 1, self.training)
-        return levels[0], channels if n else None
-
-    def channel_rows_of(self, channels: Tensor) -> list[Tensor | None]:
-        """Per row, its segment of a tensor laid out like the channel part."""
-        return [channels[s:s + n] if n else None for s, n in zip(self.starts, self.sizes, strict=True)]
+        return levels[0], None if part is None else channels
 
     @torch.no_grad()
     def eval_gates(self) -> tuple[Tensor, Tensor]:

@@ -374,7 +374,7 @@ def gate_saliency(
         if _switchable_levels(q):
             for j, v in enumerate(levels[q.row].tolist()):
                 out[Switch(name, level=j)] = v
-        segment = q.bank.channel_rows_of(channels)[q.row]
+        segment = q.bank.segment(channels, q.row)
         for c, v in enumerate([] if segment is None else segment.tolist()):
             out[Switch(name, channel=c)] = v
     return out

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import harness
+from .bench_resnet18_step import trainer
 
 # Ops that only allocate or describe memory (no kernel), besides the view ops the schema marks.
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
@@ -92,23 +92,6 @@ def count(fn: Callable[[], object]) -> LaunchCounter:
     return counter
 
 
-def training_step(model: nn.Module, images: Tensor, labels: Tensor, regularised: bool) -> Callable[[], None]:
-    """forward, cross-entropy (+ 0.01 × the BOP regulariser), backward, SGD with momentum (foreach, as on a GPU)."""
-    import bayesian_bits as bb
-
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
-        if regularised:
-            loss = loss + 0.01 * bb.regularizer(model)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def eval_forward(model: nn.Module, images: Tensor) -> Callable[[], None]:
     def forward() -> None:
         with torch.no_grad():
@@ -151,7 +134,7 @@ def measure(name: str, batch: int, size: int) -> list[dict]:
     rows = []
     for variant, m, reg in variants:
         m.train()
-        step = training_step(m, images, labels, reg)
+        step = trainer(m, images, labels, reg, foreach=True)  # multi-tensor SGD, as on a GPU
         step()  # warm-up: optimizer state, lazily built kernels
         train = count(step)
         m.eval()

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a trained checkpoint for deployment (manifest, pruned, packed or onnx)",
         description="Export a checkpoint written by bayesian-bits train (the model is rebuilt from the options stored "
-        "in it; a package.module:callable model must be importable from the working directory). manifest: JSON of "
+        "in it; a package.module:callable model is imported only with --trust-model-code). manifest: JSON of "
         "bit widths, scales, kept channels and BOPs. pruned: float eval model with pruned channels removed "
         "(tensors and plain data, rebuilt by bayesian_bits.export.load_pruned). packed: integer weights at their "
         "learned bit widths, pruned channels dropped. onnx: "
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="epoch_FINAL.pth, last.pth or another checkpoint")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     export.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
+    export.add_argument("--trust-model-code", action="store_true",
+                        help="import and run the package.module:callable model the checkpoint names (a file never "
+                        "chooses code to run on its own; the module must be importable from PYTHONPATH)")
     export.add_argument("--image-size", type=int, metavar="PIXELS",
                         help="input side the pruned/packed/onnx model is made for (default: the training images'; "
                         "resnet18 and mobilenetv2 only). Removed channels leave per-position bias maps behind "
@@ -94,13 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if os.getcwd() not in sys.path:  # --model package.module:callable imports from the working directory
+    # Your --model package.module:callable imports from the working directory; a spec read from a file never does.
+    if args.command == "train" and ":" in (args.model or "") and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         if args.command == "export":
             from .export import export  # heavy imports only once the command line is valid
 
-            print(export(args.checkpoint, args.format, args.output, args.image_size))
+            print(export(args.checkpoint, args.format, args.output, args.image_size, args.trust_model_code))
             return 0
         check_train_options(args)
         from .pipeline.runner import run

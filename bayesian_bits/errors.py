@@ -17,5 +17,10 @@ class WriteError(UsageError):
     """A file that cannot be written (read-only folder, a folder in the way, full disk): names path and fix."""
 
 
+class ModelCodeError(CheckpointError):
+    """A model spec read from a file that names code to import (``package.module:callable``), not confirmed by the
+    user: a file never chooses code to run (SPEC A10)."""
+
+
 class NonFiniteError(ValueError):
     """NaN or infinite values where finite ones are needed (a diverged run, a damaged model)."""

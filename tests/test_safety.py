@@ -401,3 +401,77 @@ def test_library_does_not_import_the_pipeline_or_touch_matplotlib() -> None:
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""] + [a.name for a in node.names]
             assert not any(n == "pipeline" or ".pipeline" in f".{n}" for n in names), (path, names)
+
+
+# A file never chooses code to run (SPEC A10): crafted model specs in re-signed checkpoints and exports.
+CRAFTED_SPECS = ["antigravity:geohash", "evilmod:build", "code:interact", "os:abort", "sys:exit", "this:s"]
+
+
+def _resigned(source: Path, path: Path, spec: str) -> Path:
+    """`source` with its stored model spec replaced and the digest recomputed, as anyone can."""
+    data = checkpoint_io.load(source, "x")
+    data.pop(checkpoint_io.DIGEST_KEY, None)
+    checkpoint_io.save({**data, "options": {**data["options"], "model": spec}}, path)
+    return path
+
+
+@pytest.fixture
+def traps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder to run from that springs a marker on any import or call the specs name: a `$BROWSER` script for
+    antigravity, an evilmod.py beside the file, console input for code.interact."""
+    marker = tmp_path / "marker"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    browser.chmod(0o755)
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\ndef build(**_): pass\n")
+    monkeypatch.setenv("BROWSER", str(browser))
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(f"open({str(marker)!r}, 'w')\n"))
+    monkeypatch.chdir(tmp_path)
+    return marker
+
+
+@pytest.mark.parametrize("spec", CRAFTED_SPECS)
+def test_a_model_spec_in_a_file_runs_no_code(run: Path, tmp_path: Path, traps: Path, spec: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _resigned(run / "epoch_FINAL.pth", tmp_path / "ckpt.pth", spec)
+    files_before = set(tmp_path.iterdir())
+    calls = [["train", "--eval-only", "--checkpoint", str(ckpt), "--n-workers", "0"],
+             *(["export", str(ckpt), "--format", fmt, "-o", str(tmp_path / f"out.{fmt}")] for fmt in FORMATS)]
+    for argv in calls:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert error_lines(err) == 1 and "Traceback" not in err, err
+        assert "names code to import" in err and "--trust-model-code" in err, err
+    with pytest.raises(CheckpointError, match="trust_model_code=True"):
+        load_eval_model(ckpt)
+    assert not traps.exists()
+    assert set(tmp_path.iterdir()) == files_before  # nothing written, nothing downloaded
+    assert str(tmp_path) not in sys.path
+
+
+def test_exports_naming_code_need_trust(run: Path, tmp_path: Path, traps: Path) -> None:
+    for fmt, loader in (("pruned", load_pruned), ("packed", load_packed)):
+        good = tmp_path / f"good.{fmt}"
+        assert main(["export", str(run / "epoch_FINAL.pth"), "--format", fmt, "-o", str(good)]) == 0
+        bad = _resigned(good, tmp_path / f"bad.{fmt}", "evilmod:build")
+        with pytest.raises(CheckpointError, match="names code to import"):
+            loader(bad)
+    assert not traps.exists()
+
+
+def test_confirmed_model_code_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's own module: trained with --model, evaluated with the same --model or --trust-model-code."""
+    monkeypatch.chdir(ROOT)
+    flags = [f for f in SMOKE if f not in ("--model", "lenet5quantized")]
+    flags[flags.index("mnist")] = "fashion-mnist"
+    logdir = tmp_path / "own"
+    assert main(["train", "--data-dir", str(tmp_path / "data"), *flags, "--model", "tests.zoo:small_cnn_for",
+                 "--epochs", "1", "--max-batches", "1", "--logdir", str(logdir)]) == 0
+    ckpt = str(logdir / "epoch_FINAL.pth")
+    assert main(["train", "--eval-only", "--checkpoint", ckpt, "--n-workers", "0"]) == 2
+    assert main(["train", "--eval-only", "--checkpoint", ckpt, "--n-workers", "0", "--trust-model-code"]) == 0
+    assert main(["train", "--eval-only", "--checkpoint", ckpt, "--n-workers", "0",
+                 "--model", "tests.zoo:small_cnn_for"]) == 0
+    assert main(["export", ckpt, "--format", "manifest", "-o", str(tmp_path / "m.json"), "--trust-model-code"]) == 0
+    assert load_eval_model(ckpt, trust_model_code=True).name == "tests.zoo:small_cnn_for"

@@ -28,13 +28,15 @@ FORMATS: dict[str, Callable[[Loaded, str | Path], str]] = {
 }
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path, image_size: int | None = None) -> str:
+def export(checkpoint: str | Path, fmt: str, out: str | Path, image_size: int | None = None,
+           trust_model_code: bool = False) -> str:
     """Write checkpoint ``checkpoint`` in format ``fmt`` to ``out`` (for inputs of side ``image_size``, default the
-    training images'); returns a one-line summary."""
+    training images'); returns a one-line summary. A ``package.module:callable`` model the checkpoint names is
+    imported only with ``trust_model_code``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _probe_output(Path(out))
-    loaded = load_eval_model(checkpoint, image_size=image_size)
+    loaded = load_eval_model(checkpoint, image_size=image_size, trust_model_code=trust_model_code)
     return FORMATS[fmt](loaded, out)
 
 

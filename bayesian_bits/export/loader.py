@@ -11,7 +11,7 @@ from torch import nn
 from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
 from ..dataflow import dataflow, unwrap
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, ModelCodeError, UsageError
 from ..experiments import get_experiment, input_shape, num_classes, parse_overrides, quant_config
 from ..models import build_model
 
@@ -28,8 +28,9 @@ class Loaded:
     options: dict[str, Any]
 
 
-def model_from_options(options: Any, source: str) -> nn.Module:
-    """The (untrained) quantized model a checkpoint's ``options`` describe; ``source`` names the file in errors."""
+def model_from_options(options: Any, source: str, trust_model_code: bool = False) -> nn.Module:
+    """The (untrained) quantized model a checkpoint's ``options`` describe; ``source`` names the file in errors. A
+    ``package.module:callable`` model is imported only with ``trust_model_code`` (a file never chooses code to run)."""
     if not isinstance(options, dict) or "model" not in options or "experiment" not in options:
         raise CheckpointError(f"{source}: has no training options; pass a file written by bayesian-bits")
     try:
@@ -40,7 +41,9 @@ def model_from_options(options: Any, source: str) -> nn.Module:
     try:
         return build_model(options["model"], config, num_classes=num_classes(options),
                            input_shape=input_shape(options)[1:], skip=options.get("skip") or (),
-                           overrides=parse_overrides(options.get("override") or []))
+                           overrides=parse_overrides(options.get("override") or []), trust_code=trust_model_code)
+    except ModelCodeError as exc:
+        raise ModelCodeError(f"{source}: its {exc}") from None
     except ValueError as exc:
         raise CheckpointError(f"{source}: its model {options['model']!r} cannot be rebuilt ({exc})") from None
 
@@ -52,12 +55,12 @@ def loaded_model(model: nn.Module) -> Loaded:
     return Loaded(unwrap(model).eval(), type(unwrap(model)).__name__, shape, shape, {})
 
 
-def read_export(path: str | Path, kind: str, fmt: str, version: int, skeleton: nn.Module | None
-                ) -> tuple[dict[str, Any], nn.Module]:
+def read_export(path: str | Path, kind: str, fmt: str, version: int, skeleton: nn.Module | None,
+                trust_model_code: bool = False) -> tuple[dict[str, Any], nn.Module]:
     """A ``pruned``/``packed`` file's data (read with ``weights_only=True``, digest checked) and the model it is
     assembled into: ``skeleton`` (the prepared model it was exported from, rebuilt) or, for files exported from a
-    checkpoint, the model its training options describe. A missing, damaged or foreign file is a
-    ``CheckpointError``."""
+    checkpoint, the model its training options describe (see `model_from_options` for ``trust_model_code``). A
+    missing, damaged or foreign file is a ``CheckpointError``."""
     source = f"{kind} file {path}"
     data = checkpoint_io.load(path, f"{kind} file", f"a file written by bayesian-bits export --format {kind}")
     if data.get("format") != fmt or data.get("version") != version:
@@ -67,20 +70,22 @@ def read_export(path: str | Path, kind: str, fmt: str, version: int, skeleton: n
     if not data.get("options"):
         raise CheckpointError(f"{source}: exported from an in-memory model; pass that model, prepared again, as "
                               "skeleton=bayesian_bits.prepare(float_model, example_inputs, config)")
-    return data, model_from_options(data["options"], source)
+    return data, model_from_options(data["options"], source, trust_model_code)
 
 
-def load_eval_model(path: str | Path, flag: str = "CHECKPOINT", image_size: int | None = None) -> Loaded:
+def load_eval_model(path: str | Path, flag: str = "CHECKPOINT", image_size: int | None = None,
+                    trust_model_code: bool = False) -> Loaded:
     """Load checkpoint ``path`` the way ``train --eval-only --checkpoint`` does: build the model from the
     checkpoint's own options, restore its weights (fine-tuned ones via the fixed-gate conversion), eval mode.
     ``image_size`` overrides the side of the input the export is made for (default: the training images').
     Raises ``CheckpointError`` (naming ``flag``) for a missing, unreadable, damaged or foreign file; the file is
-    read with ``weights_only=True`` and its digest checked, so no code in it is ever run."""
+    read with ``weights_only=True`` and its digest checked, and a ``package.module:callable`` model it names is
+    imported only with ``trust_model_code`` (`ModelCodeError` otherwise): nothing in or named by the file runs."""
     if image_size is not None and image_size < 1:
         raise UsageError(f"--image-size {image_size}: must be a positive number of pixels")
     ckpt = load_checkpoint(path, flag)
     options = ckpt.get("options")
-    model = model_from_options(options, f"{flag} {path}")
+    model = model_from_options(options, f"{flag} {path}", trust_model_code)
     exp = get_experiment(options["experiment"], options["model"])
     load_model_state(model, ckpt, f"{flag} {path}")
     mac_shape = input_shape(options)

@@ -107,9 +107,11 @@ def export_packed(loaded: Loaded, out: str | Path) -> str:
             f"codes); float checkpoint weights {fp32:,} bytes")
 
 
-def load_packed(path: str | Path, skeleton: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Rebuild the pruned eval model from a packed file (see ``loader.read_export`` for ``skeleton`` and errors)."""
-    data, skeleton = read_export(path, "packed", FORMAT, VERSION, skeleton)
+def load_packed(path: str | Path, skeleton: torch.nn.Module | None = None,
+                trust_model_code: bool = False) -> torch.nn.Module:
+    """Rebuild the pruned eval model from a packed file (see ``loader.read_export`` for ``skeleton``,
+    ``trust_model_code`` and errors)."""
+    data, skeleton = read_export(path, "packed", FORMAT, VERSION, skeleton, trust_model_code)
     plan = ExportPlan([], {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()})
     for layer in data["layers"]:
         wq = spec_from_entry(layer["weight_quant"])

@@ -170,10 +170,10 @@ def export_pruned(loaded: Loaded, out: str | Path) -> str:
            f"(unpruned eval model {layer_parameters(loaded.model):,})"
 
 
-def load_pruned(path: str | Path, skeleton: nn.Module | None = None) -> nn.Module:
-    """The pruned eval model of a file ``export_pruned`` wrote (see ``loader.read_export`` for ``skeleton`` and
-    errors)."""
-    data, skeleton = read_export(path, "pruned", FORMAT, VERSION, skeleton)
+def load_pruned(path: str | Path, skeleton: nn.Module | None = None, trust_model_code: bool = False) -> nn.Module:
+    """The pruned eval model of a file ``export_pruned`` wrote (see ``loader.read_export`` for ``skeleton``,
+    ``trust_model_code`` and errors)."""
+    data, skeleton = read_export(path, "pruned", FORMAT, VERSION, skeleton, trust_model_code)
     plan = ExportPlan([LayerSpec(e["name"], e["weight"], e["bias"], e["bias_map"], spec_from_entry(e["weight_quant"]),
                                  spec_from_entry(e["act_quant"]), e["kept"]) for e in data["layers"]],
                       {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()})

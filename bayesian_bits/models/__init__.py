@@ -20,6 +20,7 @@ import torchvision
 from torch import fx, nn
 
 from ..config import QuantConfig
+from ..errors import ModelCodeError
 from ..prepare import prepare
 from .lenet import LeNet5
 from .vgg import VGG7
@@ -128,19 +129,23 @@ def _check_spec(spec: str) -> None:
 
 
 def resolve_float_model(spec: str, *, pretrained: bool = False, num_classes: int | None = None,
-                        in_channels: int | None = None, weights: str | Path | None = None) -> nn.Module:
+                        in_channels: int | None = None, weights: str | Path | None = None,
+                        trust_code: bool = True) -> nn.Module:
     """The float model of a model spec: a paper name (`build_float_model`), ``torchvision:<builder>`` (any
     ``torchvision.models`` builder; ``pretrained`` loads its default weights, all but a head of another class
     count) or ``package.module:callable`` (imported from ``sys.path``; called with ``num_classes``/``in_channels``
     where its signature takes them); then float ``weights`` loaded (`load_float_weights`). A bad spec or weights
-    file is a ``ValueError`` saying what to use."""
-    model = _spec_model(spec, pretrained, num_classes, in_channels)
+    file is a ``ValueError`` saying what to use. A spec read from a file is not the user's word: with ``trust_code``
+    False a ``package.module:callable`` spec is a `ModelCodeError` (nothing is imported) — the paper models and
+    torchvision's builders need no code of anyone's."""
+    model = _spec_model(spec, pretrained, num_classes, in_channels, trust_code)
     if weights is not None:
         load_float_weights(model, weights)
     return model
 
 
-def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channels: int | None) -> nn.Module:
+def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channels: int | None,
+                trust_code: bool) -> nn.Module:
     if is_paper_model(spec):
         return build_float_model(spec, pretrained=pretrained, num_classes=num_classes)
     if spec.startswith(TORCHVISION_PREFIX):
@@ -154,6 +159,10 @@ def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channel
         return model
     _check_spec(spec)
     module_name, _, attr = spec.partition(":")
+    if not trust_code:
+        raise ModelCodeError(f"model {spec!r} names code to import and run ({attr} of {module_name}), and a file "
+                             f"does not choose code to run: confirm it on the command line (--model {spec}, or "
+                             "--trust-model-code), or pass trust_model_code=True")
     if pretrained:
         raise ValueError(f"model {spec!r}: pretrained weights exist for torchvision builders only; load yours with "
                          "--weights PATH (weights=)")
@@ -194,16 +203,16 @@ def load_float_weights(model: nn.Module, path: str | Path) -> None:
 def build_model(name: str, config: QuantConfig | None = None, *, pretrained: bool = False,
                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
                 weights: str | Path | None = None, skip: Iterable[str] = (),
-                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> fx.GraphModule:
-    """The quantized model of spec `name` (see `resolve_float_model`) under `config` (default QuantConfig()):
-    `prepare` (with `skip`, `overrides`) of its float model, with float `weights` loaded first, on a batch-1 example
-    of `input_shape` (C, H, W; default the paper model's own, which sets the MACs; required for other specs). Run
-    `calibrate` before training."""
+                overrides: Mapping[str, Mapping[str, Any]] | None = None, trust_code: bool = True) -> fx.GraphModule:
+    """The quantized model of spec `name` (see `resolve_float_model`, which `trust_code` goes to) under `config`
+    (default QuantConfig()): `prepare` (with `skip`, `overrides`) of its float model, with float `weights` loaded
+    first, on a batch-1 example of `input_shape` (C, H, W; default the paper model's own, which sets the MACs;
+    required for other specs). Run `calibrate` before training."""
     _check_spec(name)
     if input_shape is None:
         if not is_paper_model(name):
             raise ValueError(f"model {name!r}: pass input_shape=(C, H, W), the shape of one training image")
         input_shape = MODELS[name].input_shape
     model = resolve_float_model(name, pretrained=pretrained, num_classes=num_classes, in_channels=input_shape[0],
-                                weights=weights)
+                                weights=weights, trust_code=trust_code)
     return prepare(model, torch.zeros(1, *input_shape), config, skip=skip, overrides=overrides)

@@ -64,6 +64,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="data-loader worker processes (default: 2 mnist, 1 cifar10, min(64, CPUs) imagenet)")
 
     user = parser.add_argument_group("your model and data")
+    user.add_argument("--trust-model-code", action="store_true",
+                      help="--eval-only: import and run the package.module:callable model the checkpoint names "
+                      "(from PYTHONPATH; passing --model with the same spec also confirms it). A file never chooses "
+                      "code to run on its own")
     user.add_argument("--weights", metavar="PATH", help="float weights to start from: a state_dict file "
                       "(torch.save(model.state_dict(), PATH); read with weights_only=True), loaded before preparing")
     user.add_argument("--num-classes", type=int, help="classes of the model's head (default: the experiment's; "
@@ -284,7 +288,7 @@ def check_model_options(args: argparse.Namespace) -> None:
 # Options --eval-only takes from the command line; every other one comes from the checkpoint.
 EVAL_FROM_COMMAND_LINE = ("eval_only", "checkpoint", "resume", "logdir", "make_subdir", "overwrite", "n_workers",
                           "device", "log_every", "save_checkpoints", "checkpointing", "batch_size", "amp", "compile",
-                          "debug", "max_batches", "method")
+                          "debug", "max_batches", "method", "trust_model_code")
 
 
 def eval_only_args(args: argparse.Namespace, saved: dict[str, Any], defaults: dict[str, Any]) -> argparse.Namespace:

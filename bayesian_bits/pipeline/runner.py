@@ -23,7 +23,7 @@ from .. import checkpoint_io, data
 from ..bops import assign_macs, bop_report, format_report
 from ..budget import DEFAULT_MU, BopBudget
 from ..calibration import calibrate, freeze_batch_norm
-from ..errors import CheckpointError, NonFiniteError
+from ..errors import CheckpointError, ModelCodeError, NonFiniteError
 from ..experiments import Experiment, get_experiment, quant_config
 from ..finetune import convert_to_fixed
 from ..models import resolve_float_model
@@ -44,7 +44,7 @@ CALIBRATION_IMAGES = 2  # §6.2 step 5
 PROBE_BATCHES = 8  # training batches whose gate gradients rank the projection's switches
 # Options that do not change what a run computes: a resumed run may pass other values; every other flag must match.
 RUN_INDEPENDENT = ("resume", "checkpoint", "eval_only", "logdir", "make_subdir", "overwrite", "data_dir", "n_workers",
-                   "device", "log_every", "save_checkpoints", "checkpointing", "compile")
+                   "device", "log_every", "save_checkpoints", "checkpointing", "compile", "trust_model_code")
 # What a checkpoint needs beyond its model state to be resumed.
 RESUME_KEYS = ("epoch", "index", "optimizers", "schedulers", "scaler", "rng", "options", "last_top1", "pre_ft_model")
 
@@ -90,9 +90,10 @@ class Run:
     """One invocation of ``train``: holds the model, data, phases and outputs of this process."""
 
     def __init__(self, args: argparse.Namespace, exp: Experiment, schedule: ScheduleSpec, env: DistEnv,
-                 ckpt: dict[str, Any] | None = None) -> None:
+                 ckpt: dict[str, Any] | None = None, trust_model_code: bool = True) -> None:
         self.args, self.exp, self.schedule, self.env = args, exp, schedule, env
         self.ckpt = ckpt  # the checkpoint read (--eval-only: before its options were taken), or None
+        self.trust_model_code = trust_model_code  # whether a package.module:callable --model may be imported
         self.start = time.perf_counter()
         if args.amp and env.device.type != "cuda":
             raise UsageError(f"--amp {args.amp} needs a CUDA device (this run uses {env.device}); drop --amp")
@@ -201,7 +202,10 @@ class Run:
         try:
             model = resolve_float_model(args.model, pretrained=args.pretrained and starting_weights,
                                         num_classes=args.dataset["num_classes"], in_channels=self.mac_shape[1],
-                                        weights=args.weights if starting_weights else None)
+                                        weights=args.weights if starting_weights else None,
+                                        trust_code=self.trust_model_code)
+        except ModelCodeError as exc:  # only a spec from --eval-only's checkpoint is not trusted
+            raise UsageError(f"--checkpoint {args.checkpoint}: its {exc}") from None
         except ValueError as exc:  # messages start with "model …" or "weights …", the flag's name
             raise UsageError(f"--{exc}") from None
         except RuntimeError as exc:  # pretrained weights that cannot be fetched
@@ -502,6 +506,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``train`` with parsed and checked ``args``; returns the summary (also written to summary.json).
     ``--eval-only`` takes its options from the checkpoint (``eval_only_args``)."""
     ckpt = None
+    # The model spec is the user's word when typed on this command line (train, --resume, --eval-only --model),
+    # else the checkpoint's: then code it names runs only with --trust-model-code.
+    trust_model_code = not args.eval_only or args.model is not None or args.trust_model_code
     if args.eval_only:
         ckpt = checkpoint_io.load_checkpoint(args.checkpoint, "--checkpoint")
         saved = ckpt.get("options")
@@ -513,7 +520,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule = parse_lr_schedule(args.lr_schedule or exp.default_lr_schedule)
     env = setup(args.device)
     try:
-        run_ = Run(args, exp, schedule, env, ckpt)
+        run_ = Run(args, exp, schedule, env, ckpt, trust_model_code)
         try:
             return run_.execute()
         finally:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -140,9 +141,15 @@ def save(obj: dict[str, Any], path: str | Path) -> None:
     write_atomic(path, lambda fh: fh.write(buf.getbuffer()), size=buf.tell())
 
 
+# How torch's weights-only unpickler words a refused code reference (a global or a call it does not allow), from
+# torch 2.4 ("Unsupported global: GLOBAL …") to 2.14 ("Trying to load unsupported GLOBAL … whose module … is
+# blocked", "Trying to call reduce for unrecognized function …").
+REFUSED_CODE = re.compile(r"unsupported global|reduce for unrecognized function|allowed global", re.IGNORECASE)
+
+
 def _reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if "Unsupported" in line]
+    named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if REFUSED_CODE.search(line)]
     return (named or lines or [type(exc).__name__])[0][:200]
 
 
@@ -155,7 +162,7 @@ def load(path: str | Path, flag: str, what: str = "a checkpoint written by bayes
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # no code reference refused: damaged, or another kind of file
+        if not REFUSED_CODE.search(str(exc)):  # no code reference refused: damaged, or another kind of file
             raise CheckpointError(f"{flag} {path}: not readable (damaged, or not a torch file: {_reason(exc)}); "
                                   f"pass {what}") from None
         raise CheckpointError(f"{flag} {path}: refused: it holds pickled objects other than tensors and plain data "

@@ -15,7 +15,7 @@ def _call(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, sig
     name = resolve_backend(x.device, backend)
     if name == "reference":  # differentiated by autograd through the reference itself, so checked here
         validation.check_operands(x, x_max, gates, g2, signed, bits)
-        validation.check_values(x_max, gates)
+        validation.check_values(x_max, gates, g2, bits)
         return reference.forward(x, x_max, gates, g2, signed, bits)
     if backend is None:  # the op's per-device registration applies the same policy
         return quantize(x, x_max, gates, g2, signed, bits)

@@ -44,7 +44,7 @@ def _forward(backend: str, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: T
              bits: int) -> Tensor:  # fmt: skip
     validation.check_operands(x, x_max, gates, g2, signed, bits)
     x, x_max, gates, g2 = _prepare(x, x_max, gates, g2)
-    validation.check_values(x_max, gates)
+    validation.check_values(x_max, gates, g2, bits)
     return kernel(backend).forward(x, x_max, gates, g2, signed, bits)
 
 
@@ -53,7 +53,7 @@ def _backward(backend: str, grad: Tensor, x: Tensor, x_max: Tensor, gates: Tenso
     validation.check_operands(x, x_max, gates, g2, signed, bits)
     validation.check_grad(grad, x)
     x, x_max, gates, g2 = _prepare(x, x_max, gates, g2)
-    validation.check_values(x_max, gates)
+    validation.check_values(x_max, gates, g2, bits)
     return kernel(backend).backward(grad.to(x.dtype).contiguous(), x, x_max, gates, g2, signed, bits)
 
 
@@ -76,8 +76,11 @@ def _fake_backward(grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None,
 # --- the per-device op ------------------------------------------------------------------------------
 
 
+# `signed` is declared optional in the ops' schemas only so that a None reaches the contract, which refuses it: with
+# a plain bool the dispatcher would read None as False (an unsigned grid) without a word.
 @torch.library.custom_op("bbkernels::quantize", mutates_args=())
-def quantize(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int) -> Tensor:
+def quantize(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool | None,
+             bits: int) -> Tensor:  # fmt: skip
     """Quantize-and-gate forward; this body is the default implementation (the reference)."""
     return _forward("reference", x, x_max, gates, g2, signed, bits)
 
@@ -88,8 +91,8 @@ def _(x, x_max, gates, g2, signed, bits):
 
 
 @torch.library.custom_op("bbkernels::quantize_backward", mutates_args=())
-def quantize_backward(grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool,
-                      bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def quantize_backward(grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None,
+                      signed: bool | None, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Straight-through gradients (dx, dx_max[1], dgates[4], dg2[C]), C = 1 without g2; default: the reference."""
     return _backward("reference", grad, x, x_max, gates, g2, signed, bits)
 
@@ -107,7 +110,7 @@ quantize_backward.register_fake(_fake_backward)
 
 
 @torch.library.custom_op("bbkernels::quantize_on", mutates_args=())
-def quantize_on(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool, bits: int,
+def quantize_on(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None, signed: bool | None, bits: int,
                 backend: str) -> Tensor:  # fmt: skip
     """`quantize` on the named backend."""
     _check_backend(backend, x)
@@ -116,7 +119,8 @@ def quantize_on(x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | Non
 
 @torch.library.custom_op("bbkernels::quantize_backward_on", mutates_args=())
 def quantize_backward_on(grad: Tensor, x: Tensor, x_max: Tensor, gates: Tensor | None, g2: Tensor | None,
-                         signed: bool, bits: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+                         signed: bool | None, bits: int,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`quantize_backward` on the named backend."""
     _check_backend(backend, x)
     return _backward(backend, grad, x, x_max, gates, g2, signed, bits)

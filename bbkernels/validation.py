@@ -139,25 +139,29 @@ def check_types(x: object, x_max: object, gates: object, g2: object, signed: obj
     check_signed(signed)
 
 
-def _values_message(x_max: float, gates: list[float] | None) -> str:
+def _values_message(x_max: float, gates: list[float] | None, channels: str) -> str:
     low, high = X_MAX_RANGE
     if not low <= x_max <= high:
         return (
             f"x_max must lie in [{low:g}, {high:g}] (outside it the fp32 grid is not finite), got {x_max}: run the "
             "calibration forward first, or if the range was learned to this value, lower its learning rate"
         )
-    return f"gates must be finite, got {gates}"
+    if not all(map(math.isfinite, gates or ())):
+        return f"gates must be finite, got {gates}"
+    return f"{channels} must be finite: one of its per-channel values is NaN or infinite"
 
 
-def check_values(x_max: Tensor, gates: Tensor | None) -> None:
-    """x_max (as fp32) within reference.X_MAX_RANGE, finite gates: ValueError on CPU tensors.
+def check_values(x_max: Tensor, gates: Tensor | None, g2: Tensor | None = None, bits: int = 0) -> None:
+    """x_max (as fp32) within reference.X_MAX_RANGE, finite gates and a finite g2 (the mask, for a fixed bit width):
+    ValueError on CPU tensors.
 
     On other devices, and under torch.compile, nothing is read here: every kernel turns an x_max outside the range or
-    a non-finite gate into NaN outputs and gradients (no launch, no host synchronisation), which the training loop's
-    finite check reports.
+    a non-finite gate into NaN outputs and gradients, and a non-finite channel value gives its channel's outputs
+    (no launch, no host synchronisation), which the training loop's finite check reports.
     """
     if x_max.device.type == "cpu" and not torch.compiler.is_compiling():
         value = x_max.detach().reshape(()).to(torch.float32).item()
         gate_values = None if gates is None else gates.detach().tolist()
         ok = X_MAX_RANGE[0] <= value <= X_MAX_RANGE[1] and all(map(math.isfinite, gate_values or ()))
-        torch._check_value(ok, lambda: _values_message(value, gate_values))
+        ok = ok and (g2 is None or bool(torch.isfinite(g2.detach()).all()))
+        torch._check_value(ok, lambda: _values_message(value, gate_values, "mask" if bits else "g2"))

@@ -311,6 +311,9 @@ def test_bad_input_names_the_argument():
         (ValueError, "g2", dict(g2=torch.ones(5))),
         (ValueError, "x_max is on", dict(x_max=torch.tensor(1.0, device="meta"))),
         (TypeError, "signed", dict(signed=1)),
+        (TypeError, "signed must be a bool, got NoneType", dict(signed=None)),
+        (ValueError, "g2 must be finite", dict(g2=torch.tensor([1.0, float("nan"), 1.0, 1.0]))),
+        (ValueError, "g2 must be finite", dict(g2=torch.tensor([1.0, 1.0, float("inf"), 1.0]))),
         (ValueError, "backend", dict(backend="fpga")),
     ]
     for backend in (None, "reference"):  # the op checks, or (reference) the public function alone
@@ -324,6 +327,10 @@ def test_bad_input_names_the_argument():
             bbkernels.fixed_quantize(x, x_max, 8, torch.ones(3), signed=True, backend=backend)
         with pytest.raises(TypeError, match=r"mask must be a torch\.Tensor"):
             bbkernels.fixed_quantize(x, x_max, 8, [1.0] * 4, signed=True, backend=backend)
+        with pytest.raises(ValueError, match="mask must be finite"):
+            bbkernels.fixed_quantize(x, x_max, 8, torch.tensor([1.0, float("nan"), 0, 1]), signed=True, backend=backend)
+    with pytest.raises(TypeError, match="signed must be a bool, got NoneType"):  # the raw op reads no None as False
+        torch.ops.bbkernels.quantize(x, x_max.reshape(1), gates, None, None, 0)
 
 
 def test_backend_selection(monkeypatch):

@@ -475,3 +475,18 @@ def test_confirmed_model_code_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                  "--model", "tests.zoo:small_cnn_for"]) == 0
     assert main(["export", ckpt, "--format", "manifest", "-o", str(tmp_path / "m.json"), "--trust-model-code"]) == 0
     assert load_eval_model(ckpt, trust_model_code=True).name == "tests.zoo:small_cnn_for"
+
+
+class BlockedPayload:
+    """Unpickling this would call os.system: torch 2.14 refuses it as a GLOBAL of a blocked module."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("payload", [BlockedPayload(), Payload(Path("/nonexistent/marker"))], ids=["blocked", "global"])
+def test_every_wording_of_a_refused_pickle_says_refused(tmp_path: Path, payload: object) -> None:
+    path = tmp_path / "payload.pth"
+    torch.save({"x": payload}, path)
+    with pytest.raises(CheckpointError, match=r"refused: it holds pickled objects.*(GLOBAL|global)"):
+        checkpoint_io.load(path, "--checkpoint")

@@ -184,6 +184,15 @@ def load(path: str | Path, flag: str, what: str = "a checkpoint written by bayes
     return data
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a train checkpoint (``load`` reads it, and it has a ``phase`` and a ``model``)."""
+    try:
+        data = load(path, "")
+    except CheckpointError:
+        return False
+    return "model" in data and data.get("phase") in PHASES
+
+
 def load_checkpoint(path: str | Path, flag: str) -> dict[str, Any]:
     """A train checkpoint: ``load`` plus its entries checked (a known ``phase``, a finite ``model`` state)."""
     ckpt = load(path, flag)

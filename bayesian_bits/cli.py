@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="epoch_FINAL.pth, last.pth or another checkpoint")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     export.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT (never a training checkpoint, nor CHECKPOINT itself)")
     export.add_argument("--trust-model-code", action="store_true",
                         help="import and run the package.module:callable model the checkpoint names (a file never "
                         "chooses code to run on its own; the module must be importable from PYTHONPATH)")
@@ -104,7 +106,8 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "export":
             from .export import export  # heavy imports only once the command line is valid
 
-            print(export(args.checkpoint, args.format, args.output, args.image_size, args.trust_model_code))
+            print(export(args.checkpoint, args.format, args.output, args.image_size, args.trust_model_code,
+                         args.overwrite))
             return 0
         check_train_options(args)
         from .pipeline.runner import run

@@ -43,18 +43,23 @@ def parity() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--out", default="export_parity.json")
-    parser.add_argument("--keep", help="folder to keep the exported files in (default: a temporary one)")
+    parser.add_argument("--keep", help="folder to keep the exported files in (default: a temporary one; files of an "
+                        "earlier run there are replaced)")
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="import the package.module:callable model the checkpoint names")
     args = parser.parse_args()
-    loaded = load_eval_model(args.checkpoint)
+    trust = args.trust_model_code
+    loaded = load_eval_model(args.checkpoint, trust_model_code=trust)
     exp = get_experiment(loaded.options["experiment"], loaded.name)
     _, val = build_datasets(exp, args.data_dir)
     folder = Path(args.keep or tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     files = {fmt: folder / name for fmt, name in (("manifest", "manifest.json"), ("pruned", "pruned.pt"),
                                                   ("packed", "model.packed"), ("onnx", "model.onnx"))}
-    summaries = {fmt: export(args.checkpoint, fmt, path) for fmt, path in files.items()}
-    pruned = load_pruned(files["pruned"])
-    packed = load_packed(files["packed"])
+    summaries = {fmt: export(args.checkpoint, fmt, path, trust_model_code=trust, overwrite=True)
+                 for fmt, path in files.items()}
+    pruned = load_pruned(files["pruned"], trust_model_code=trust)
+    packed = load_packed(files["packed"], trust_model_code=trust)
     session = onnxruntime_session(files["onnx"])
     models = {"pytorch_eval": loaded.model, "pruned": pruned, "packed": packed}
     correct = dict.fromkeys([*models, "onnxruntime"], 0)

@@ -490,3 +490,22 @@ def test_every_wording_of_a_refused_pickle_says_refused(tmp_path: Path, payload:
     torch.save({"x": payload}, path)
     with pytest.raises(CheckpointError, match=r"refused: it holds pickled objects.*(GLOBAL|global)"):
         checkpoint_io.load(path, "--checkpoint")
+
+
+def test_export_never_destroys_a_checkpoint(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes((run / "epoch_FINAL.pth").read_bytes())
+    other = tmp_path / "last.pth"  # another run's checkpoint
+    other.write_bytes((run / "last.pth").read_bytes())
+    before = {p: p.read_bytes() for p in (ckpt, other)}
+    for out, extra in ((ckpt, []), (ckpt, ["--overwrite"]), (other, []), (other, ["--overwrite"])):
+        capsys.readouterr()
+        assert main(["export", str(ckpt), "--format", "manifest", "-o", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert error_lines(err) == 1 and "Traceback" not in err, err
+    assert all(p.read_bytes() == content for p, content in before.items())
+    plain = tmp_path / "model.json"
+    assert main(["export", str(ckpt), "--format", "manifest", "-o", str(plain)]) == 0
+    assert main(["export", str(ckpt), "--format", "manifest", "-o", str(plain)]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "manifest", "-o", str(plain), "--overwrite"]) == 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from bbkernels.ladder import GATED_BITS
@@ -44,6 +45,13 @@ class QuantConfig:
     bn_fold: Literal["exact", "fast"] = "exact"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("gamma_") and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                    and math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a finite number (a gate logit), got {value!r}")
+            if isinstance(f.default, bool) and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be True or False, got {value!r}")
         if self.prune_only and not self.include_pruning:
             raise ValueError("prune_only=True needs include_pruning=True (--prune-only needs --include-pruning)")
         if self.fixed_8bit and self.fixed_48bit:

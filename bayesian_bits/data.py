@@ -43,10 +43,10 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-def mnist(data_dir: Path, fashion: bool = False) -> tuple[Dataset, Dataset]:
-    """MNIST (or Fashion-MNIST) train/test with ``ToTensor`` only (no normalisation)."""
+def mnist(data_dir: Path, fashion: bool = False, fetch: bool = True) -> tuple[Dataset, Dataset]:
+    """MNIST (or Fashion-MNIST) train/test with ``ToTensor`` only (no normalisation); ``fetch``: see `load_data`."""
     cls = datasets.FashionMNIST if fashion else datasets.MNIST
-    ensure_idx(data_dir, cls.__name__)
+    ensure_idx(data_dir, cls.__name__, fetch)
     tf = transforms.ToTensor()
     return cls(str(data_dir), train=True, transform=tf), cls(str(data_dir), train=False, transform=tf)
 
@@ -109,13 +109,13 @@ def imagefolder(data_dir: Path, image_size: int, channels: int | None = None,
     return splits["train"], splits["val"], info
 
 
-def cifar10(data_dir: Path) -> tuple[Dataset, Dataset]:
-    """CIFAR-10 train (random crop 32/pad 4, flip, normalise) and test (normalise)."""
+def cifar10(data_dir: Path, fetch: bool = True) -> tuple[Dataset, Dataset]:
+    """CIFAR-10 train (random crop 32/pad 4, flip, normalise) and test (normalise); ``fetch``: see `load_data`."""
     norm = [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)]
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *norm])
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            train = datasets.CIFAR10(str(data_dir), train=True, transform=train_tf, download=True)
+            train = datasets.CIFAR10(str(data_dir), train=True, transform=train_tf, download=fetch)
             val = datasets.CIFAR10(str(data_dir), train=False, transform=transforms.Compose(norm))
     except (OSError, RuntimeError) as exc:
         folder = Path(data_dir) / "cifar-10-batches-py"
@@ -126,8 +126,9 @@ def cifar10(data_dir: Path) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def imagenet(data_dir: Path) -> tuple[Dataset, Dataset]:
-    """ImageNet from ``imagenet_raw/{train,val}``: RandomResizedCrop(224)+flip / Resize(248)+CenterCrop(224)."""
+def imagenet(data_dir: Path, fetch: bool = True) -> tuple[Dataset, Dataset]:
+    """ImageNet from ``imagenet_raw/{train,val}``: RandomResizedCrop(224)+flip / Resize(248)+CenterCrop(224). It is
+    never downloaded, whatever ``fetch`` says."""
     root = Path(data_dir) / "imagenet_raw"
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     tfs = {
@@ -176,10 +177,11 @@ class Data(NamedTuple):
 
 def load_data(exp: Experiment, data_dir: str | Path, synthetic: int | None = None, synthetic_size: int | None = None,
               *, image_size: int | None = None, channels: int | None = None, num_classes: int | None = None,
-              norm: tuple[Sequence[float], Sequence[float]] | None = None) -> Data:
+              norm: tuple[Sequence[float], Sequence[float]] | None = None, fetch: bool = True) -> Data:
     """The datasets of ``exp`` and their ``info``; ``synthetic=N`` gives N random images per split instead (tests
     only). ``image_size``, ``channels`` and ``norm`` apply to ImageFolder; ``num_classes`` (default the
-    experiment's, the class folders' for ImageFolder) must match the folders there."""
+    experiment's, the class folders' for ImageFolder) must match the folders there. Without ``fetch`` (a folder the
+    user did not name, e.g. a checkpoint's) nothing is downloaded, decompressed or created: the data must be there."""
     info: dict[str, Any] = {"channels": exp.channels, "num_classes": num_classes or exp.num_classes,
                             "classes": None, "mean": None, "std": None}
     side = image_size or exp.image_size
@@ -198,7 +200,7 @@ def load_data(exp: Experiment, data_dir: str | Path, synthetic: int | None = Non
     else:
         loaders = {"mnist": mnist, "fashion-mnist": partial(mnist, fashion=True), "cifar10": cifar10,
                    "imagenet": imagenet}
-        train, val = loaders[exp.name](Path(data_dir))
+        train, val = loaders[exp.name](Path(data_dir), fetch=fetch)
     mac_side = side if exp.name == "imagefolder" or synthetic_size else exp.mac_image_size
     info.update(image_size=side, mac_shape=[1, info["channels"], mac_side, mac_side])
     return Data(train, val, info)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,61 @@ def quant_config(options: Mapping[str, Any] | argparse.Namespace) -> QuantConfig
     return QuantConfig(**config, bn_fold=values.get("bn_fold") or "exact")
 
 
+MAX_SIDE = 4096  # the largest image side an option may give (what it allocates stays bounded)
+MAX_CLASSES = 100_000
+
+
+def check_stored_options(options: Mapping[str, Any], source: str) -> None:
+    """The options a file stores, as untrusted input: every entry the model is rebuilt from has its type and lies in
+    its bounds, checked before anything is allocated; a ``UsageError`` naming ``source`` and the entry."""
+
+    def refuse(name: str, what: str) -> None:
+        raise UsageError(f"{source}: its stored option {name!r} {what}; it was not written by bayesian-bits, or was "
+                         "edited")
+
+    def integer(name: str, value: Any, low: int, high: int) -> None:
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            refuse(name, f"must be a whole number in [{low}, {high}], got {value!r}")
+
+    def strings(name: str, value: Any) -> None:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            refuse(name, f"must be a list of strings, got {value!r}")
+
+    for name in ("model", "experiment"):
+        if not isinstance(options.get(name), str):
+            refuse(name, f"must be a string, got {options.get(name)!r}")
+    if options["experiment"] not in EXPERIMENTS:
+        refuse("experiment", f"must be one of {', '.join(EXPERIMENTS)}, got {options['experiment']!r}")
+    for name in ("skip", "override"):
+        if options.get(name) is not None:
+            strings(name, options[name])
+    for name, low, high in (("num_classes", 1, MAX_CLASSES), ("synthetic_image_size", 8, MAX_SIDE)):
+        if options.get(name) is not None:
+            integer(name, options[name], low, high)
+    info = options.get("dataset")
+    if info is None:
+        return
+    if not isinstance(info, Mapping):
+        refuse("dataset", f"must be a dict, got {type(info).__name__}")
+    channels = info.get("channels")
+    if channels not in (1, 3):
+        refuse("dataset.channels", f"must be 1 or 3, got {channels!r}")
+    integer("dataset.num_classes", info.get("num_classes"), 1, MAX_CLASSES)
+    integer("dataset.image_size", info.get("image_size"), 8, MAX_SIDE)
+    shape = info.get("mac_shape")
+    if not (isinstance(shape, list) and len(shape) == 4):
+        refuse("dataset.mac_shape", f"must be [1, channels, side, side], got {shape!r}")
+    for i, (low, high) in enumerate(((1, 1), (channels, channels), (8, MAX_SIDE), (8, MAX_SIDE))):
+        integer(f"dataset.mac_shape[{i}]", shape[i], low, high)
+    for name in ("mean", "std"):
+        values = info.get(name)
+        if values is not None and not (isinstance(values, list) and len(values) == channels
+                                       and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            refuse(f"dataset.{name}", f"must be {channels} finite numbers, got {values!r}")
+    if info.get("classes") is not None:
+        strings("dataset.classes", info["classes"])
+
+
 def input_shape(options: Mapping[str, Any]) -> tuple[int, int, int, int]:
     """The batch-1 input shape a run's options give the model (the one its MACs are counted on): the ``dataset``
     entry a run records, else (checkpoints written before it) the experiment's shape."""
@@ -116,11 +172,11 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
                     settings[key] = {"true": True, "false": False}[value.lower()]
                 else:
                     settings[key] = [float(v) for v in value.split("/")]
-                    if len(settings[key]) != 4:
+                    if len(settings[key]) != 4 or not all(map(math.isfinite, settings[key])):
                         raise ValueError
             except (ValueError, KeyError):
                 hint = {"bits": f"one of {'/'.join(map(str, FIXED_BITS))} or none", "bool": "true or false",
-                        "floats": "4 numbers joined by '/', e.g. 6/6/6/6"}[kind]
+                        "floats": "4 finite numbers joined by '/', e.g. 6/6/6/6"}[kind]
                 raise UsageError(f"--override {item!r}: {key}={value!r}; use {hint}") from None
         out[pattern] = {**out.get(pattern, {}), **settings}
     return out

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 from .checkpoint_io import write_atomic
 from .errors import DataError, WriteError
@@ -33,6 +34,9 @@ FASHION_MNIST_MD5 = {
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
+# Bytes of each uncompressed file (the same for both datasets): a .gz is decompressed only this far.
+SIZES = {"train-images-idx3-ubyte": 47_040_016, "train-labels-idx1-ubyte": 60_008,
+         "t10k-images-idx3-ubyte": 7_840_016, "t10k-labels-idx1-ubyte": 10_008}
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
 LABELS = {"MNIST": "MNIST", "FashionMNIST": "Fashion-MNIST"}
@@ -63,20 +67,33 @@ def _store(raw: Path, name: str, data: bytes, source: str) -> None:
                         f"make {raw} writable, or copy the .gz files into a writable --data-dir)") from None
 
 
-def _local(raw: Path, name: str) -> bool:
-    """Use ``raw/name`` or ``raw/name.gz`` if present; a damaged file there is a ``DataError``."""
+def gunzip(source: BinaryIO, name: str, what: str) -> bytes:
+    """``source`` decompressed, reading at most one byte past the known size of ``name`` (a gzip bomb costs no more
+    than the real file); a file that is longer or not gzip is a ``DataError`` naming ``what``."""
+    try:
+        with gzip.GzipFile(fileobj=source) as gz:
+            data = gz.read(SIZES[name] + 1)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{what} is not a valid gzip file ({exc}); delete it to download it again") from None
+    if len(data) > SIZES[name]:
+        raise DataError(f"{what} decompresses to more than the {SIZES[name]:,} bytes of {name}; it is not that file "
+                        "(delete it to download it again)")
+    return data
+
+
+def _local(raw: Path, name: str, fetch: bool) -> bool:
+    """Use ``raw/name``, or (with ``fetch``, which may write) ``raw/name.gz``, if present; a damaged file there is a
+    ``DataError``."""
     path, gz = raw / name, raw / f"{name}.gz"
     if path.exists():
         expected = _table(raw.parent.name)[name]
-        if md5(path.read_bytes()) != expected:
-            raise DataError(f"{path} is damaged (MD5 differs from {expected}); delete it to download it again")
+        if path.stat().st_size != SIZES[name] or md5(path.read_bytes()) != expected:
+            raise DataError(f"{path} is damaged (size or MD5 differs from the canonical file); delete it to download "
+                            "it again")
         return True
-    if gz.exists():
-        try:
-            data = gzip.decompress(gz.read_bytes())
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{gz} is not a valid gzip file ({exc}); delete it to download it again") from None
-        _store(raw, name, data, str(gz))
+    if gz.exists() and fetch:
+        with gz.open("rb") as fh:
+            _store(raw, name, gunzip(fh, name, str(gz)), str(gz))
         return True
     return False
 
@@ -88,7 +105,7 @@ def _from_mirrors(raw: Path, name: str) -> str | None:
         url = f"{mirror}{name}.gz"
         try:
             with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                data = gzip.decompress(response.read())
+                data = gunzip(response, name, url)
             _store(raw, name, data, url)
             return None
         except (OSError, EOFError, DataError) as exc:
@@ -122,14 +139,19 @@ def ensure_mnist(data_dir: Path) -> Path:
     return ensure_idx(data_dir, "MNIST")
 
 
-def ensure_idx(data_dir: Path, folder: str) -> Path:
+def ensure_idx(data_dir: Path, folder: str, fetch: bool = True) -> Path:
     """Make the four verified IDX files of ``folder`` (``MNIST`` or ``FashionMNIST``) exist in
-    ``data_dir/folder/raw`` and return that folder; what cannot be found or fetched is a ``DataError``."""
+    ``data_dir/folder/raw`` and return that folder; what cannot be found or fetched is a ``DataError``. Without
+    ``fetch`` nothing is decompressed, downloaded or created there: the files must be in place."""
     label = LABELS[folder]
     raw = Path(data_dir) / folder / "raw"
-    missing = [name for name in _table(folder) if not (raw.is_dir() and _local(raw, name))]
+    missing = [name for name in _table(folder) if not (raw.is_dir() and _local(raw, name, fetch))]
     if not missing:
         return raw
+    if not fetch:
+        raise DataError(f"{label} is not in {raw} ({', '.join(missing)}), the folder the checkpoint names, where "
+                        "nothing is downloaded or written; pass --data-dir to read it from (or fetch it into) a "
+                        "folder of yours")
     try:
         raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import fnmatch
 import io
 import math
@@ -139,6 +140,17 @@ def _check_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[
                 raise ValueError(f"overrides[{pattern!r}]['gamma_inits'] needs 4 logits (gamma_4 … gamma_32)")
         out[pattern] = dict(values)
     return out
+
+
+def _check_patterns_match(model: nn.Module, skip: tuple[str, ...], overrides: Mapping[str, Any]) -> None:
+    """A `skip` or `overrides` pattern that matches no module is a ValueError naming the pattern and the nearest
+    module names (a typo would otherwise change nothing, silently)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for kind, pattern in [*(("skip", p) for p in skip), *(("overrides", p) for p in overrides)]:
+        if not any(_matches(name, (pattern,)) for name in names):
+            near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.3) or names[:3]
+            raise ValueError(f"{kind} pattern {pattern!r} matches no module of {type(model).__name__}; nearest: "
+                             f"{', '.join(near)} (fnmatch patterns, matched against module names and their parents)")
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -556,6 +568,7 @@ def prepare(
         if isinstance(m, (QuantLayer, BayesianBitsQuantizer, FixedQuantizer)):
             raise ValueError(f"module {name or type(model).__name__} is already quantized; prepare takes a float "
                              "model (pass the original model, not a prepared one)")
+    _check_patterns_match(model, skip, overrides)
     model = copy.deepcopy(model).eval()
     try:
         graph = _Tracer(tuple(leaf_modules)).trace(model)

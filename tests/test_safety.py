@@ -509,3 +509,85 @@ def test_export_never_destroys_a_checkpoint(run: Path, tmp_path: Path, capsys: p
     assert main(["export", str(ckpt), "--format", "manifest", "-o", str(plain)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--format", "manifest", "-o", str(plain), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(("entry", "value"), [
+    ("synthetic_image_size", 10**9), ("num_classes", 10**12), ("override", "conv1:weight_bits=8"), ("skip", [3]),
+    ("dataset", {"channels": 1, "num_classes": 10, "image_size": 28, "mac_shape": [1, 1, 10**6, 10**6]}),
+    ("dataset", "not a dict"), ("gamma_4_init", float("nan")), ("include_pruning", "yes"), ("experiment", "evil"),
+])
+def test_stored_options_are_untrusted_input(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            entry: str, value: object) -> None:
+    data = checkpoint_io.load(run / "epoch_FINAL.pth", "x")
+    data = {**data, "options": {**data["options"], entry: value}}
+    ckpt = tmp_path / "edited.pth"
+    torch.save({**data, checkpoint_io.DIGEST_KEY: checkpoint_io.digest(data)}, ckpt)  # re-signed as anyone can
+    for argv in (["train", "--eval-only", "--checkpoint", str(ckpt), "--n-workers", "0"],
+                 ["export", str(ckpt), "--format", "manifest", "-o", str(tmp_path / "m.json")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert error_lines(err) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_eval_only_creates_nothing_where_only_the_checkpoint_points(run: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    data = checkpoint_io.load(run / "epoch_FINAL.pth", "x")
+    data.pop(checkpoint_io.DIGEST_KEY, None)
+    elsewhere = tmp_path / "not" / "yours"
+    options = {k: v for k, v in data["options"].items() if k not in ("synthetic", "synthetic_image_size")}
+    ckpt = tmp_path / "real-data.pth"
+    checkpoint_io.save({**data, "options": {**options, "synthetic": None, "data_dir": str(elsewhere)}}, ckpt)
+    assert main(["train", "--eval-only", "--checkpoint", str(ckpt), "--n-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --data-dir" in err and error_lines(err) == 1, err
+    assert not (tmp_path / "not").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--gamma-4-init", "nan"], ["--override", "features.0:gamma_inits=nan/6/6/6"], ["--seed", str(10**20)],
+    ["--synthetic", str(10**11)], ["--gating-lambda", "-1"], ["--weight-decay", "-1"], ["--lr-schedule", "cosine:nan"],
+    ["--synthetic", "100000", "--synthetic-image-size", "4000"], ["--override", "featurse.0:weight_bits=8"],
+    ["--skip", "clasifier.*"], ["--weights", "/etc/passwd"], ["--epochs", "-1"],
+], ids=lambda f: " ".join(f)[:40])
+def test_bad_numbers_are_one_line_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       flags: list[str]) -> None:
+    argv = [*SMOKE, "--epochs", "1", "--logdir", str(tmp_path / "run"), *flags]  # a repeated flag: the last wins
+    assert main(["train", "--data-dir", str(tmp_path / "data"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_an_override_that_matches_nothing_names_the_nearest_modules(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(tmp_path, "--epochs", "1", "--override", "featurse.0:weight_bits=8") == 2
+    err = capsys.readouterr().err
+    assert "'featurse.0' matches no module" in err and "features.0" in err, err
+
+
+def test_weights_holding_nan_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bayesian_bits.models import build_float_model
+
+    state = build_float_model("lenet5quantized").state_dict()
+    state["features.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "w.pt")
+    assert train(tmp_path, "--epochs", "1", "--weights", str(tmp_path / "w.pt")) == 2
+    err = capsys.readouterr().err
+    assert "features.0.weight" in err and "NaN" in err and error_lines(err) == 1, err
+
+
+def test_a_gzip_bomb_in_the_mnist_folder_is_not_decompressed_whole(tmp_path: Path) -> None:
+    import gzip
+
+    from bayesian_bits.errors import DataError
+    from bayesian_bits.mnist_files import SIZES, ensure_idx
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    with gzip.open(raw / "train-labels-idx1-ubyte.gz", "wb") as fh:  # 16 MB of zeros in a 16 KB file
+        for _ in range(16):
+            fh.write(bytes(2**20))
+    with pytest.raises(DataError, match=f"more than the {SIZES['train-labels-idx1-ubyte']:,} bytes"):
+        ensure_idx(tmp_path, "MNIST")

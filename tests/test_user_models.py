@@ -59,8 +59,9 @@ def _train(digits: Path, logdir: Path, *flags: str, status: int = 0) -> dict | N
 
 @torch.no_grad()
 def _onnx_predicts_as_pytorch(ckpt: Path, digits: Path, out: Path) -> None:
-    assert main(["export", str(ckpt), "--format", "onnx", "-o", str(out)]) == 0
-    loaded = load_eval_model(ckpt)
+    # the user's own model code (tests.zoo): the checkpoint names it, the user confirms it
+    assert main(["export", str(ckpt), "--format", "onnx", "-o", str(out), "--trust-model-code"]) == 0
+    loaded = load_eval_model(ckpt, trust_model_code=True)
     info = loaded.options["dataset"]
     _, val, _ = load_data(EXPERIMENTS["imagefolder"], digits, image_size=info["image_size"],
                           channels=info["channels"], norm=(info["mean"], info["std"]))

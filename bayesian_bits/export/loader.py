@@ -12,7 +12,7 @@ from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
 from ..dataflow import dataflow, unwrap
 from ..errors import CheckpointError, ModelCodeError, UsageError
-from ..experiments import get_experiment, input_shape, num_classes, parse_overrides, quant_config
+from ..experiments import check_stored_options, get_experiment, input_shape, num_classes, parse_overrides, quant_config
 from ..models import build_model
 
 
@@ -33,6 +33,7 @@ def model_from_options(options: Any, source: str, trust_model_code: bool = False
     ``package.module:callable`` model is imported only with ``trust_model_code`` (a file never chooses code to run)."""
     if not isinstance(options, dict) or "model" not in options or "experiment" not in options:
         raise CheckpointError(f"{source}: has no training options; pass a file written by bayesian-bits")
+    check_stored_options(options, source)
     try:
         config = quant_config(options)
     except (KeyError, TypeError, ValueError) as exc:

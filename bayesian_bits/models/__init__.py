@@ -187,13 +187,19 @@ def load_float_weights(model: nn.Module, path: str | Path) -> None:
     missing, foreign or mismatched file is a ``ValueError`` naming ``path``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise ValueError(f"weights {path}: not a readable state_dict file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a folder, a text file, a pickle with code: one line whatever torch raises
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"weights {path}: not a readable state_dict file ({type(exc).__name__}: {reason})") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise ValueError(f"weights {path}: holds a {type(state).__name__}, not a state_dict; save "
                          "model.state_dict() with torch.save")
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"weights {path}: {len(bad)} tensors hold NaN or infinity ({', '.join(bad[:5])}); "
+                         "start from finite weights")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -204,22 +204,55 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated numbers, e.g. 0.5,0.5,0.5") from None
 
 
-def _positive(args: argparse.Namespace, name: str, minimum: int) -> None:
-    value = getattr(args, name)
-    if value is not None and value < minimum:
-        raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+# Integer flags: (minimum, maximum). The maxima keep what a number allocates (images, heads, batches) or seeds
+# within what the machine and the random generators take.
+INT_BOUNDS = {"batch_size": (1, 2**20), "epochs": (0, 10**6), "eval_every": (1, 10**6), "n_workers": (0, 1024),
+              "fixed_gate_finetune_epochs": (0, 10**6), "log_every": (1, 10**9), "synthetic": (1, 10**6),
+              "synthetic_image_size": (8, 4096), "max_batches": (1, 10**9), "num_classes": (1, 100_000),
+              "image_size": (8, 4096), "seed": (0, 2**63 - 1)}
+SYNTHETIC_ELEMENTS = 2**28  # a synthetic split holds at most this many values (1 GiB of fp32)
+POSITIVE_FLOATS = ("learning_rate", "learning_rate_q", "learning_rate_s", "finetune_learning_rate")
+NON_NEGATIVE_FLOATS = ("gating_lambda", "weight_decay")
+FINITE_FLOATS = tuple(f"gamma_{bits}_init" for bits in GATED_BITS)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option within its bounds, finite where it must be, with the right sign (a ``UsageError`` naming
+    the flag); run on the command line and on the options a checkpoint stores."""
+    for name, (low, high) in INT_BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is not None and not low <= value <= high:
+            raise UsageError(f"{_flag(name)} must lie in [{low}, {high}], got {value}")
+    for name in POSITIVE_FLOATS:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{_flag(name)} must be a positive number, got {value}")
+    for name in NON_NEGATIVE_FLOATS:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{_flag(name)} must be a finite number ≥ 0, got {value}")
+    for name in FINITE_FLOATS:
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{_flag(name)} must be a finite gate logit, got {value}")
+    for name in ("mean", "std"):
+        values = getattr(args, name, None)
+        if values is not None and not all(math.isfinite(v) for v in values):
+            raise UsageError(f"{_flag(name)} {','.join(map(str, values))}: every value must be finite")
+    if args.synthetic is not None:
+        side = args.synthetic_image_size or 224
+        if args.synthetic * 3 * side * side > SYNTHETIC_ELEMENTS:
+            raise UsageError(f"--synthetic {args.synthetic} images of {side}×{side} would hold more than "
+                             f"{SYNTHETIC_ELEMENTS:,} values; use fewer or smaller synthetic images")
 
 
 def check_train_options(args: argparse.Namespace) -> None:
     """Reject contradictory or impossible combinations with a ``UsageError`` naming the flag and the fix."""
-    for name, minimum in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("n_workers", 0),
-                          ("fixed_gate_finetune_epochs", 0), ("log_every", 1), ("synthetic", 1),
-                          ("synthetic_image_size", 8), ("max_batches", 1), ("num_classes", 1), ("image_size", 8)):
-        _positive(args, name, minimum)
-    for name in ("learning_rate", "learning_rate_q", "learning_rate_s", "finetune_learning_rate"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    check_numbers(args)
     if not args.eval_only:
         missing = [f"--{k.replace('_', '-')}" for k in ("experiment", "data_dir", "model") if getattr(args, k) is None]
         if missing:

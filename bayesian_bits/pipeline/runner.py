@@ -24,7 +24,7 @@ from ..bops import assign_macs, bop_report, format_report
 from ..budget import DEFAULT_MU, BopBudget
 from ..calibration import calibrate, freeze_batch_norm
 from ..errors import CheckpointError, ModelCodeError, NonFiniteError
-from ..experiments import Experiment, get_experiment, quant_config
+from ..experiments import Experiment, check_stored_options, get_experiment, quant_config
 from ..finetune import convert_to_fixed
 from ..models import resolve_float_model
 from ..prepare import prepare
@@ -35,7 +35,7 @@ from .errors import DataError, UsageError
 from .loop import StepSettings, TrainingModule, evaluate, train_epoch
 from .metrics import RunLog, read_metrics
 from .optim import build_finetune_optimizers, build_optimizers, group_settings, select_kinds, split_parameters
-from .options import DEBUG_BATCHES, eval_only_args, parse_overrides, train_defaults
+from .options import DEBUG_BATCHES, check_numbers, eval_only_args, parse_overrides, train_defaults
 from .rundir import RunDir, open_run_dir
 from .schedules import ScheduleSpec, build_finetune_schedulers, build_schedulers, parse_lr_schedule
 
@@ -90,10 +90,11 @@ class Run:
     """One invocation of ``train``: holds the model, data, phases and outputs of this process."""
 
     def __init__(self, args: argparse.Namespace, exp: Experiment, schedule: ScheduleSpec, env: DistEnv,
-                 ckpt: dict[str, Any] | None = None, trust_model_code: bool = True) -> None:
+                 ckpt: dict[str, Any] | None = None, trust_model_code: bool = True, fetch_data: bool = True) -> None:
         self.args, self.exp, self.schedule, self.env = args, exp, schedule, env
         self.ckpt = ckpt  # the checkpoint read (--eval-only: before its options were taken), or None
         self.trust_model_code = trust_model_code  # whether a package.module:callable --model may be imported
+        self.fetch_data = fetch_data  # whether data may be downloaded or written into --data-dir (a folder named here)
         self.start = time.perf_counter()
         if args.amp and env.device.type != "cuda":
             raise UsageError(f"--amp {args.amp} needs a CUDA device (this run uses {env.device}); drop --amp")
@@ -149,7 +150,7 @@ class Run:
         def datasets() -> data.Data:
             return data.load_data(self.exp, args.data_dir, args.synthetic, args.synthetic_image_size,
                                   image_size=args.image_size, channels=args.channels, num_classes=args.num_classes,
-                                  norm=norm)
+                                  norm=norm, fetch=self.fetch_data)
 
         # Rank 0 downloads and verifies first; the others then read the files, or stop with rank 0's error.
         failure = None
@@ -509,18 +510,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The model spec is the user's word when typed on this command line (train, --resume, --eval-only --model),
     # else the checkpoint's: then code it names runs only with --trust-model-code.
     trust_model_code = not args.eval_only or args.model is not None or args.trust_model_code
+    fetch_data = args.data_dir is not None  # never a folder only the checkpoint names
     if args.eval_only:
         ckpt = checkpoint_io.load_checkpoint(args.checkpoint, "--checkpoint")
         saved = ckpt.get("options")
         if not isinstance(saved, dict) or "model" not in saved:
             raise CheckpointError(f"--checkpoint {args.checkpoint}: has no training options; pass a checkpoint "
                                   "written by bayesian-bits train")
+        check_stored_options(saved, f"--checkpoint {args.checkpoint}")
         args = eval_only_args(args, saved, train_defaults())
+        if not isinstance(args.data_dir, str):
+            raise CheckpointError(f"--checkpoint {args.checkpoint}: stores no data folder; pass --data-dir")
+        check_numbers(args)
     exp = get_experiment(args.experiment, args.model)
     schedule = parse_lr_schedule(args.lr_schedule or exp.default_lr_schedule)
     env = setup(args.device)
     try:
-        run_ = Run(args, exp, schedule, env, ckpt, trust_model_code)
+        run_ = Run(args, exp, schedule, env, ckpt, trust_model_code, fetch_data)
         try:
             return run_.execute()
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,10 @@ def parse_lr_schedule(text: str) -> ScheduleSpec:
                 raise ValueError("milestones must be increasing positive epochs")
             return ScheduleSpec("multistep", milestones=milestones)
         if head in ("cosine", "cosineannealinglr") and len(rest) <= 1:
-            return ScheduleSpec("cosine", eta_min=float(rest[0]) if rest else 0.0)
+            eta_min = float(rest[0]) if rest else 0.0
+            if not (math.isfinite(eta_min) and eta_min >= 0):
+                raise ValueError(f"the final learning rate {rest[0]} must be a finite number ≥ 0")
+            return ScheduleSpec("cosine", eta_min=eta_min)
     except ValueError as exc:
         raise UsageError(f"--lr-schedule {text!r}: {exc}; expected {SCHEDULE_HELP}") from None
     raise UsageError(f"--lr-schedule {text!r} is not recognised; use {SCHEDULE_HELP}")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
+from . import image_files
 from .errors import DataError
 from .experiments import Experiment
 from .mnist_files import ensure_idx
@@ -51,11 +52,6 @@ def mnist(data_dir: Path, fashion: bool = False, fetch: bool = True) -> tuple[Da
     return cls(str(data_dir), train=True, transform=tf), cls(str(data_dir), train=False, transform=tf)
 
 
-def _load_image(path: str, mode: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert(mode)
-
-
 def _image_mode(folder: datasets.ImageFolder, channels: int | None) -> str:
     """PIL mode the images are read in: from ``channels`` (1 or 3), else from the first training image."""
     if channels is None:
@@ -81,18 +77,23 @@ def imagefolder(data_dir: Path, image_size: int, channels: int | None = None,
     splits = {}
     for split in ("train", "val"):
         try:
-            splits[split] = datasets.ImageFolder(str(root / split))
+            splits[split] = image_files.ImageFolder(str(root / split))
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"--experiment imagefolder: {root / split} not usable ({exc}); put the images at "
                             "DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image> (the same class "
                             "folders in both)") from None
-    if splits["train"].classes != splits["val"].classes:
-        raise DataError(f"--experiment imagefolder: {root}/train and {root}/val have different class folders "
-                        f"({len(splits['train'].classes)} and {len(splits['val'].classes)}); they must match")
+    train_classes, val_classes = set(splits["train"].classes), set(splits["val"].classes)
+    if train_classes != val_classes:
+        missing = [f"{split} has no folder {', '.join(sorted(other - own))}" for split, own, other in
+                   (("val", val_classes, train_classes), ("train", train_classes, val_classes)) if other - own]
+        raise DataError(f"--experiment imagefolder: {root}/train and {root}/val must have the same class folders: "
+                        f"{'; '.join(missing)}")
+    image_files.check_images(splits["train"], decode=False)
+    image_files.check_images(splits["val"], decode=True)  # the whole training epoch would come before it
     mode = _image_mode(splits["train"], channels)
     base = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
     for folder in splits.values():
-        folder.loader = partial(_load_image, mode=mode)
+        folder.loader = partial(image_files.load_image, mode=mode)
     if norm is None:
         splits["train"].transform = transforms.Compose([*base, transforms.ToTensor()])
         norm = channel_stats(splits["train"])

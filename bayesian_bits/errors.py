@@ -4,6 +4,14 @@
 class UsageError(ValueError):
     """A bad argument or input: the message names it and the fix."""
 
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's error is re-raised in the main process as this class built from its whole traceback
+        # ("Caught DataError in DataLoader worker process 0. Original Traceback ... DataError: <message>"): keep
+        # <message>, the line written for the user.
+        if "Original Traceback" in message:
+            message = message.rstrip().rpartition(f"{type(self).__name__}: ")[2]
+        super().__init__(message)
+
 
 class DataError(UsageError):
     """A dataset that is missing or damaged: the message says what was looked for and how to provide it."""

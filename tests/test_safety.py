@@ -1,5 +1,6 @@
 """Runs and files that cannot be hijacked or silently ruined: no unpickled code, digests, NaN stops, locked run
-folders, SIGTERM, torn metrics, full disks, one-line errors, resumes that would change the run."""
+folders, SIGTERM, torn metrics, full disks, one-line errors, resumes that would change the run; model code named by a
+file, stored options, hostile numbers and images."""
 
 from __future__ import annotations
 
@@ -7,23 +8,30 @@ import ast
 import errno
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from bayesian_bits import checkpoint_io
+from bayesian_bits import checkpoint_io, data
 from bayesian_bits.cli import main
-from bayesian_bits.errors import CheckpointError, NonFiniteError, WriteError
+from bayesian_bits.errors import CheckpointError, DataError, NonFiniteError, WriteError
+from bayesian_bits.experiments import EXPERIMENTS
 from bayesian_bits.export import load_eval_model, load_packed, load_pruned
 from bayesian_bits.pipeline import loop, runner
 from bayesian_bits.pipeline.distributed import DistEnv
 from bayesian_bits.pipeline.metrics import read_metrics
 from bayesian_bits.pipeline.rundir import open_run_dir
+from tests.test_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("manifest", "pruned", "packed", "onnx")
@@ -591,3 +599,64 @@ def test_a_gzip_bomb_in_the_mnist_folder_is_not_decompressed_whole(tmp_path: Pat
             fh.write(bytes(2**20))
     with pytest.raises(DataError, match=f"more than the {SIZES['train-labels-idx1-ubyte']:,} bytes"):
         ensure_idx(tmp_path, "MNIST")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` pixels, followed by a few bytes of pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+def _noise_png(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+
+
+BAD_IMAGES = {
+    "text": (lambda p: p.write_text("not an image"), "not a readable image"),
+    "empty": (lambda p: p.write_bytes(b""), "an empty file"),
+    "bomb": (lambda p: p.write_bytes(_png_header(40_000, 40_000)), "too large"),
+    "self-symlink": (lambda p: p.symlink_to(p.name), "not a readable image"),
+    "truncated": (lambda p: (_noise_png(p), p.write_bytes(p.read_bytes()[:3000])), "image"),
+}
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_a_bad_image_stops_the_run_before_training_in_one_line_naming_it(tmp_path: Path, kind: str, split: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    write_image_folder(tmp_path / "images", {"a": 2, "b": 2}, "L")
+    make, says = BAD_IMAGES[kind]
+    bad = tmp_path / "images" / split / "b" / "bad.png"
+    make(bad)
+    argv = ["train", "--experiment", "imagefolder", "--data-dir", str(tmp_path / "images"), "--model",
+            "lenet5quantized", "--image-size", "28", "--epochs", "1", "--n-workers", "0",
+            "--logdir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == 1 and "Traceback" not in err
+    assert re.search(f"error: --data-dir: image {re.escape(str(bad))} is .*{says}", err)
+    assert not list((tmp_path / "run").glob("*.pth"))  # stopped before the first epoch, not after it
+
+
+def test_folder_symlink_loops_are_listed_once(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"a": 3, "b": 2}, "RGB")
+    (tmp_path / "train" / "a" / "again").symlink_to(tmp_path / "train" / "a", target_is_directory=True)
+    (tmp_path / "train" / "b" / "elsewhere").symlink_to(tmp_path / "val" / "b", target_is_directory=True)
+    loaded = data.load_data(EXPERIMENTS["imagefolder"], tmp_path, image_size=16)
+    assert len(loaded.train) == 3 + 2 + 2  # the loop adds nothing; a link to another folder adds its images
+    assert len(loaded.val) == 5
+
+
+def test_a_truncated_training_image_read_by_a_worker_is_one_line_naming_it(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"a": 2, "b": 2}, "RGB")
+    bad = tmp_path / "train" / "b" / "bad.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:2000])  # a JPEG header verifies; only decoding finds the missing data
+    loaded = data.load_data(EXPERIMENTS["imagefolder"], tmp_path, image_size=16, norm=([0.5] * 3, [0.25] * 3))
+    says = rf"^--data-dir: image {re.escape(str(bad))} cannot be decoded \(image file is truncated.*\); remove or"
+    with pytest.raises(DataError, match=says) as caught:
+        list(torch.utils.data.DataLoader(loaded.train, batch_size=8, num_workers=1))
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)

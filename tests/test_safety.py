@@ -451,6 +451,13 @@ def test_a_model_spec_in_a_file_runs_no_code(run: Path, tmp_path: Path, traps: P
         err = capsys.readouterr().err
         assert error_lines(err) == 1 and "Traceback" not in err, err
         assert "names code to import" in err and "--trust-model-code" in err, err
+    # --resume builds the model its command line names (--model is required) and refuses a run whose spec differs
+    last = _resigned(run / "last.pth", tmp_path / "last.pth", spec)
+    files_before.add(last)
+    assert main(["train", "--data-dir", str(run.parent / "data"), *SMOKE, "--epochs", "1", "--resume", str(last),
+                 "--logdir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == 1 and f"--model 'lenet5quantized' (checkpoint: '{spec}')" in err, err
     with pytest.raises(CheckpointError, match="trust_model_code=True"):
         load_eval_model(ckpt)
     assert not traps.exists()

@@ -16,6 +16,7 @@ from .reference import BITS, X_MAX_RANGE
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OP_BITS = (0, *BITS)  # 0: the gated chain; else a fixed bit width
+VALUE_CHECK = "bbkernels.check_values"  # the profiler range around the eager check on CPU tensors
 
 
 def _tensor(name: str, value: object, optional: bool = False) -> None:
@@ -159,7 +160,9 @@ def check_values(x_max: Tensor, gates: Tensor | None, g2: Tensor | None = None, 
     a non-finite gate into NaN outputs and gradients, and a non-finite channel value gives its channel's outputs
     (no launch, no host synchronisation), which the training loop's finite check reports.
     """
-    if x_max.device.type == "cpu" and not torch.compiler.is_compiling():
+    if x_max.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    with torch.profiler.record_function(VALUE_CHECK):  # named, so launch counters can leave this CPU-only work out
         value = x_max.detach().reshape(()).to(torch.float32).item()
         gate_values = None if gates is None else gates.detach().tolist()
         ok = X_MAX_RANGE[0] <= value <= X_MAX_RANGE[1] and all(map(math.isfinite, gate_values or ()))

@@ -4,8 +4,9 @@ A `TorchDispatchMode` counts every ATen op that reaches a kernel: views and allo
 nothing), and the ATen ops inside the project's custom ops (`bbkernels::*`) are counted as well as the op itself (its
 kernel; on a GPU its Triton implementation launches 1 (quantize forward, 2 backward) or 3 (fold) kernels). The count
 depends only on the model and the code, not on the machine, so it is the same figure everywhere. Host reads of
-device values (`.item()`, `bool(t)`: a synchronisation on a GPU) are reported beside it, except the operator's
-eager value check on CPU tensors (on a GPU the kernels check the values themselves, see bbkernels/validation.py).
+device values (`.item()`, `bool(t)`: a synchronisation on a GPU) are reported beside it. Neither counts the
+operator's eager value check on CPU tensors (on a GPU the kernels check the values themselves, see
+bbkernels/validation.py).
 
     .venv/bin/python -m benchmarks.launches [--models resnet18 mobilenet_v2 vit] [--batch 2] [--size 64]
                                             [--top 12] [--json F]
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from bbkernels.validation import VALUE_CHECK
 
 from . import harness
 from .bench_resnet18_step import trainer
@@ -61,13 +64,21 @@ class LaunchCounter(TorchDispatchMode):
         self.counts: Counter[str] = Counter()
         self.syncs = 0
         self._in_op = False  # inside a bbkernels op
+        self._ranges: list[bool] = []  # open profiler ranges: True for the operator's CPU-only value check
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _name(func)
-        if name in SYNCS:
+        if func.namespace == "profiler":
+            if name == "_record_function_enter_new":
+                self._ranges.append(args[0] == VALUE_CHECK)
+            elif name == "_record_function_exit" and self._ranges:
+                self._ranges.pop()
+        elif any(self._ranges):  # only CPU tensors are checked here; a GPU kernel checks its values itself
+            pass
+        elif name in SYNCS:
             self.syncs += not self._in_op
-        elif not (_is_view(func) or name in ALLOCATIONS or func.namespace == "profiler"):
+        elif not (_is_view(func) or name in ALLOCATIONS):
             namespace = func.namespace
             self.counts[name if namespace == "aten" else f"{namespace}::{name}"] += 1
             if namespace.startswith("bbkernels") and not self._in_op:

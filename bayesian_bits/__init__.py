@@ -3,7 +3,7 @@
 Public API (what a training pipeline calls, in order):
 
     config = QuantConfig(gamma_4_init=6, ..., include_pruning=True, reg_type="bop")
-    model = prepare(float_model, example_inputs, config)   # any traceable model; or build_model("resnet18", config)
+    model = prepare(float_model, example_inputs, config)   # any exportable model; or build_model("resnet18", config)
     calibrate(model, images)             # no_grad, train mode: sets ranges/signs (§1.2); before any optimizer
     freeze_batch_norm(model)             # only with --static-fold-bn
     assign_macs(model)                   # only for reg_type "bop" (§3.2); MACs of the example input

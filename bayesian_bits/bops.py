@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from . import gate_bank, gates
-from .dataflow import FLOAT_BITS, Dataflow, Slice, Term, dataflow, unwrap
 from .gate_bank import GateBank
+from .graph.dataflow import FLOAT_BITS, Dataflow, Slice, Term, dataflow, unwrap
 from .quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode, quantizers
 
 BASELINE_BITS = FLOAT_BITS * FLOAT_BITS  # relative BOPs are against W32A32
@@ -288,7 +288,7 @@ def bop_report(model: nn.Module) -> dict:
     rows, total = [], 0.0
     for r in term_bops(model, EVAL):
         term = r.term
-        layer = None if term.other else inner.get_submodule(term.name)
+        layer = inner.get_submodule(term.name) if term.layer else None
         act_q = None if layer is None else getattr(layer, "act_quantizer", None)
         weight_q = _module(inner, term.weight)
         total += _num(r.bops)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import bops
-from .dataflow import unwrap
 from .gate_bank import banks
+from .graph.dataflow import unwrap
 from .projection import LOW, ProjectionResult, gate_saliency, minimum_bops, project_model
 
 DEFAULT_MU = 0.1  # initial μ when none is given: the reference README's MNIST --gating-lambda

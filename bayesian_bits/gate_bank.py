@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from bbkernels.ladder import BITS, GATED_BITS
 
-from . import gates
+from . import fold_bank, gates
 
 LEVELS = len(GATED_BITS)
 STEPS = tuple(b // 2 for b in GATED_BITS)  # the bits each level adds: 2, 4, 8, 16
 ATTRIBUTE = "bb_gates"
-FOLDS = "bb_folds"  # the fold bank (fold_bank.FoldBank) whose step the gate bank's begins
+FOLDS = fold_bank.ATTRIBUTE  # the fold bank whose step the gate bank's begins
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import bops
-from .dataflow import unwrap
 from .gate_bank import GateBank, banks
+from .graph.dataflow import unwrap
 from .quantizer import LEVEL_BITS, BayesianBitsQuantizer, Mode
 
 LOW = 0.9  # the band is [LOW, 1] x target

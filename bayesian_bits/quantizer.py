@@ -5,6 +5,7 @@ Both call the fused operator of `bbkernels`; this file only decides gates, modes
 
 from __future__ import annotations
 
+import warnings
 from enum import StrEnum
 
 import torch
@@ -14,8 +15,10 @@ import bbkernels
 from bbkernels.ladder import BITS, GATED_BITS
 
 from . import gates
-from .dataflow import FLOAT_BITS
 from .gate_bank import GateBank, Row
+from .graph.dataflow import FLOAT_BITS
+
+ZERO_DATA_RANGE = 1.0  # the signed range of a quantizer whose calibration data is all zero
 
 # The gated levels of the ladder (bbkernels/ladder.py); level `bits` has the gate logit `gamma_{bits}`, the name
 # checkpoints before the gate bank stored it under.
@@ -216,6 +219,10 @@ class BayesianBitsQuantizer(_Quantizer):
         """§1.2: x_min = min(data, 0), x_max = max(data, 0), signed iff x_min < 0 (sync is fine here)."""
         x_min, x_max = torch.aminmax(x.detach().float())
         x_min, x_max = x_min.clamp(max=0.0), x_max.clamp(min=0.0)
+        if float(x_min) == float(x_max) == 0:  # a zero-initialised layer (torchvision ViT's head, zero-init residuals)
+            warnings.warn(f"quantizer {self.calibrating}: the calibration data is all zero, so its range starts at "
+                          f"[-{ZERO_DATA_RANGE:g}, {ZERO_DATA_RANGE:g}] and is learned from there", stacklevel=2)
+            x_min, x_max = x_min - ZERO_DATA_RANGE, x_max + ZERO_DATA_RANGE
         if not float(x_max) > 0:
             raise ValueError(
                 f"quantizer {self.calibrating}: the calibration data has no positive value (max {float(x_max)}), "

@@ -15,7 +15,7 @@ Goals (issue 21), ResNet-18 at batch 2, 64²: the training step (forward, CE + r
 launches at most 3× the float step's ops with `--bn-fold exact`, 2× with `fast`; the eval forward at most 2×
 (an evaluation's batches after its first: the first quantizes the weights, the others reuse them). `vit` is the
 ViT-style model of tests/zoo.py (patch conv, two pre-norm attention blocks written with Linear and matmul) at
-16×16: torchvision's VisionTransformer needs the torch.export capture of issue 22.
+16×16, the one the pre-bank code (commit c3709a7, torch.fx capture) could count too.
 """
 
 from __future__ import annotations

@@ -1,9 +1,20 @@
-"""Shared test set-up: Triton runs under its interpreter on CPU tensors when there is no GPU."""
+"""Shared test set-up: Triton runs under its interpreter on CPU tensors when there is no GPU; fixtures."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before triton.jit decorates the kernels (at import of bbkernels.triton_kernels).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread: its float summation order, and so which rounding ties fall which way, is then the
+    same on every machine (see `assert_agrees`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

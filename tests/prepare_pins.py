@@ -1,8 +1,8 @@
 """Pinned results of `prepare` on the CNN zoo and the paper models before capture moved to torch.export: the
 quantizers, the dataflow (MACs and where every input slice comes from), BOPs at init and the eval outputs.
 
-`python -m tests.prepare_pins` wrote tests/data/prepare_pins.json with the torch.fx capture; test_prepare.py compares
-the current `prepare` against it.
+`python -m tests.prepare_pins` wrote tests/data/prepare_pins.json with the torch.fx capture (commit f11803f; run
+now, it would pin the torch.export capture instead); test_prepare.py compares the current `prepare` against it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import bayesian_bits as bb
-from bayesian_bits.dataflow import dataflow
+from bayesian_bits.graph.dataflow import dataflow
 from tests import zoo
 
 PINS = Path(__file__).with_name("data") / "prepare_pins.json"

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+import bayesian_bits as bb
 from bayesian_bits import bop_report, build_model, calibrate, checkpoint_io
 from bayesian_bits.cli import build_parser, main
+from bayesian_bits.errors import CheckpointError
 from bayesian_bits.export import (
+    export_model,
     load_eval_model,
     load_packed,
     load_pruned,
@@ -30,6 +33,8 @@ from bayesian_bits.finetune import convert_to_fixed
 from bayesian_bits.pipeline.errors import UsageError
 from bayesian_bits.pipeline.runner import quant_config
 from bayesian_bits.quantizer import FixedQuantizer, Mode
+from tests import zoo
+from tests.checks import ZOO_CONFIG
 
 onnx = pytest.importorskip("onnx")
 
@@ -266,6 +271,13 @@ def test_quantization_modes(model_name: str, flags: tuple[str, ...], tmp_path: P
     assert_matches(run_onnxruntime(proto, x), ref)
 
 
+class Leaves(torch.fx.Tracer):
+    """Every submodule a call_module node: the graph of a hand-built pruned model."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return True
+
+
 def test_signed_extremes_past_the_grid_stay_exact() -> None:
     """At x_max = 0.6 the fp32 step of a fixed 8-bit signed quantizer rounds ±x_max' to codes ±128, one past
     ±127: a weight using one extreme keeps int8 with a shifted zero point, an activation reaching both goes to
@@ -283,7 +295,8 @@ def test_signed_extremes_past_the_grid_stay_exact() -> None:
     linear = torch.nn.Linear(4, 3)
     with torch.no_grad():
         linear.weight.copy_(TensorQuant(spec)(torch.tensor([[0.7, 0.1, -0.3, 0.0]] * 3)))  # +0.6 → code 128
-    model = torch.nn.Sequential(ExportLayer(linear, None, None, None, spec), TensorQuant(spec)).eval()
+    layers = torch.nn.Sequential(ExportLayer(linear, None, None, None, spec), TensorQuant(spec)).eval()
+    model = torch.fx.GraphModule(layers, Leaves().trace(layers))
     proto = to_onnx(model, (1, 4), 3, "extremes")
     init = {t.name: t for t in proto.graph.initializer}
     assert onnx.TensorProto.DataType.Name(init["0.weight.codes"].data_type) == "INT8"
@@ -333,3 +346,24 @@ def test_bad_inputs(lenet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--image-size" in capsys.readouterr().err
     with pytest.raises(UsageError, match="packed"):
         load_packed(foreign)
+
+
+def test_pruned_files_carry_the_models_other_tensors_and_fit_only_its_model(tmp_path: Path) -> None:
+    """Norm weights and position embeddings are trained like the layers: the pruned and packed files carry them;
+    loaded into another model, a file is one CheckpointError."""
+    float_model = zoo.TinyTransformer().eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = bb.prepare(float_model, x[:1], ZOO_CONFIG)
+    bb.calibrate(model, x)
+    with torch.no_grad():  # as if trained away from the float model's values
+        model.get_parameter("norm.weight").mul_(3)
+        model.get_parameter("pos").add_(0.5)
+        ref = model.eval()(x)
+    for fmt, load in (("pruned", load_pruned), ("packed", load_packed)):
+        export_model(model, fmt, tmp_path / f"m.{fmt}")
+        with torch.no_grad():
+            assert torch.equal(load(tmp_path / f"m.{fmt}", skeleton=bb.prepare(float_model, x[:1], ZOO_CONFIG))(x),
+                               ref)
+    other = bb.prepare(zoo.MLP().eval(), x[:1], ZOO_CONFIG)
+    with pytest.raises(CheckpointError, match="load it into the model it was exported from"):
+        load_pruned(tmp_path / "m.pruned", skeleton=other)

@@ -64,6 +64,9 @@ def test_range_init_from_first_forward():
     assert not relu.is_signed and float(relu.x_min) == 0.0
     with pytest.raises(ValueError, match="no positive value"):
         calibrated(-torch.rand(10))
+    with pytest.warns(UserWarning, match="all zero"):
+        zero = calibrated(torch.zeros(3, 4), channels=3)  # a zero-initialised head
+    assert zero.is_signed and float(zero.x_min) == -1.0 and float(zero.x_max) == 1.0
 
 
 def test_forward_before_calibration_raises():

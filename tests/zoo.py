@@ -116,6 +116,11 @@ def zoo_float_model(name: str) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(0)
     model = build()
     x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    return settled(model, x), x
+
+
+def settled(model: nn.Module, x: Tensor) -> nn.Module:
+    """`model` in eval mode with BatchNorm running statistics set to those of the batch `x`."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.momentum = 1.0
@@ -123,4 +128,4 @@ def zoo_float_model(name: str) -> tuple[nn.Module, Tensor]:
         model.train()(x)
     for m in norms:
         m.momentum = 0.1
-    return model.eval(), x
+    return model.eval()

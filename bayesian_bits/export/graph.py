@@ -1,4 +1,4 @@
-"""The deployed dataflow: torch.fx tracing of pruned models, and which pruned channels export removes.
+"""Which pruned channels export removes.
 
 A layer's pruned output channels can be removed physically only if every path from its output reaches the
 inputs of other layers through channel-wise operations (activations, quantizers, pooling, flatten); `prepare`
@@ -12,29 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, fx, nn
-from torchvision.ops import StochasticDepth
+from torch import Tensor, nn
 
-from ..dataflow import dataflow, unwrap
+from ..graph.dataflow import dataflow, unwrap
 from ..layers import QuantLayer
 from ..quantizer import BayesianBitsQuantizer, FixedQuantizer
-from .layer import ExportLayer
 from .quant import TensorQuant
 
 QUANTIZERS = (BayesianBitsQuantizer, FixedQuantizer, TensorQuant)
-LEAVES = (QuantLayer, ExportLayer, StochasticDepth, *QUANTIZERS)
-
-
-class _Tracer(fx.Tracer):
-    """Keeps layers and quantizers whole."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.Graph:
-    """The model's forward as an fx graph whose call_module nodes are layers, quantizers and torch modules."""
-    return _Tracer().trace(model)
 
 
 @dataclass
@@ -62,7 +47,7 @@ def regions(model: nn.Module) -> Regions:
     """Every layer of a prepared ``model`` with pruned channels that can be removed, with the layers the removal
     reaches (from the dataflow `prepare` recorded, and the eval masks)."""
     flow, inner = dataflow(model), unwrap(model)
-    layers = [t.name for t in flow.terms if not t.other and isinstance(inner.get_submodule(t.name), QuantLayer)]
+    layers = [t.name for t in flow.terms if t.layer and isinstance(inner.get_submodule(t.name), QuantLayer)]
     found = Regions(layers, {}, {})
     for name, removable in flow.regions.items():
         quantizer = inner.get_submodule(name).weight_quantizer

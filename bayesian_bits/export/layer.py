@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..graph.placement import is_depthwise
 from ..layers import QuantLayer
-from ..prepare import is_depthwise
 from .quant import QuantSpec, TensorQuant
 
 

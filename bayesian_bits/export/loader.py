@@ -10,9 +10,9 @@ from torch import nn
 
 from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
-from ..dataflow import dataflow, unwrap
 from ..errors import CheckpointError, ModelCodeError, UsageError
 from ..experiments import check_stored_options, get_experiment, input_shape, num_classes, parse_overrides, quant_config
+from ..graph.dataflow import dataflow, unwrap
 from ..models import build_model
 
 

@@ -13,26 +13,24 @@ Run it with ``onnxruntime_session``, which switches off onnxruntime's QDQ fusion
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
-import operator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torchvision.ops import StochasticDepth
 
 from bbkernels.ladder import SHRINK
 
 from .. import checkpoint_io
 from ..errors import UsageError
-from ..prepare import activation_module
+from ..graph import aten as ops
+from ..graph.placement import PASS_MODULES
 from ..quantizer import Mode
-from .graph import trace
 from .layer import ExportLayer
 from .loader import Loaded
 from .pruned import pruned_model
@@ -208,7 +206,7 @@ class _Builder:
                 raise UsageError(f"{name}: padding={op.padding!r} has no ONNX export; give the padding explicitly")
             pads = list(op.padding) * 2
             if op.padding_mode != "zeros":
-                mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[op.padding_mode]
+                mode = PAD_MODES[op.padding_mode]
                 spatial = [0, 0, *op.padding, 0, 0, *op.padding]
                 x = self.node("Pad", [x, self.const(f"{name}.pads", np.array(spatial, np.int64))], f"{name}.pad",
                               mode=mode)
@@ -224,21 +222,22 @@ class _Builder:
         return self.const(name, np.array(values, np.int64))
 
 
-def _pair(v: int | tuple[int, ...], n: int = 2) -> list[int]:
-    return list(v) if isinstance(v, tuple) else [v] * n
+def _pair(v: int | list[int] | tuple[int, ...], n: int = 2) -> list[int]:
+    """An ATen size argument (an int, or a list of one or ``n`` ints) as ``n`` ints."""
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * n if len(v) == 1 else v
 
 
-POOLS = {nn.MaxPool1d: ("MaxPool", 1), nn.MaxPool2d: ("MaxPool", 2), nn.AvgPool1d: ("AveragePool", 1),
-         nn.AvgPool2d: ("AveragePool", 2)}
-POOL_FUNCTIONS = {F.max_pool1d: ("MaxPool", 1), F.max_pool2d: ("MaxPool", 2), F.avg_pool1d: ("AveragePool", 1),
-                  F.avg_pool2d: ("AveragePool", 2)}
-IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, StochasticDepth)
-BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", "add": "Add", operator.mul: "Mul",
-          torch.mul: "Mul", operator.imul: "Mul", "mul": "Mul", operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub",
-          operator.truediv: "Div", torch.div: "Div", "div": "Div", operator.matmul: "MatMul", torch.matmul: "MatMul",
-          "matmul": "MatMul", torch.bmm: "MatMul", "bmm": "MatMul"}
-RESHAPES = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten", "squeeze",
-            "unsqueeze", "unflatten"}
+aten = ops.aten
+BINARY = {aten.add.Tensor: "Add", aten.mul.Tensor: "Mul", aten.sub.Tensor: "Sub", aten.div.Tensor: "Div",
+          aten.matmul.default: "MatMul", aten.bmm.default: "MatMul", aten.mm.default: "MatMul"}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.unflatten.int}
+POOL_OPS = {aten.max_pool1d.default: ("MaxPool", 1), aten.max_pool2d.default: ("MaxPool", 2),
+            aten.avg_pool1d.default: ("AveragePool", 1), aten.avg_pool2d.default: ("AveragePool", 2)}
+ADAPTIVE = {aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
+PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap", "constant": "constant"}
 
 
 class _Emitter:
@@ -276,25 +275,9 @@ class _Emitter:
             consts = [b.const(f"{name}.{k}", v.detach().numpy().astype(np.float32))
                       for k, v in zip(("scale", "bias", "mean", "var"), stats, strict=True)]
             return b.node("BatchNormalization", [x, *consts], name, epsilon=m.eps)
-        if isinstance(m, IDENTITY):
+        if isinstance(m, PASS_MODULES):  # dropout, stochastic depth: the identity in eval
             return x
-        if isinstance(m, tuple(POOLS)):
-            op, dims = POOLS[type(m)]
-            return self.pool(op, x, name, dims, m.kernel_size, m.stride, m.padding, getattr(m, "dilation", 1),
-                             m.ceil_mode)
-        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            return self.adaptive_pool(node, x, name)
-        if isinstance(m, nn.LayerNorm):
-            scale = b.const(f"{name}.weight", m.weight.detach().numpy().astype(np.float32))
-            bias = b.const(f"{name}.bias", m.bias.detach().numpy().astype(np.float32))
-            return b.node("LayerNormalization", [x, scale, bias], name, axis=-len(m.normalized_shape),
-                          epsilon=m.eps)
-        if isinstance(m, nn.Flatten):
-            return self.reshape(node, x)
-        try:
-            return b.activation(x, m, name)
-        except UsageError:
-            raise UsageError(f"{name}: {type(m).__name__} has no ONNX export") from None
+        raise UsageError(f"{name}: {type(m).__name__} has no ONNX export")
 
     def pool(self, op: str, x: str, name: str, dims: int, kernel, stride, padding, dilation, ceil_mode) -> str:
         pads = _pair(padding, dims)
@@ -327,71 +310,86 @@ class _Emitter:
         return self.b.node("Reshape", [x, self.b.ints(f"{node.name}.shape", target)], node.name)
 
     def function(self, node: fx.Node) -> Any:
-        b, target, name = self.b, node.target, node.name
-        args = node.args
+        b, name, args = self.b, node.name, node.args
+        target = ops.base_op(node)
         if target in BINARY:
             return b.node(BINARY[target], [self.value(args[0], name), self.value(args[1], name)], name)
-        act = activation_module(node, self.model)
-        if act is not None:
-            return b.activation(self.values[args[0]], act, name)
+        if target in ops.ACTIVATIONS:
+            act = ops.ACTIVATIONS[target](*args[1:], **node.kwargs)
+            if act is not None:
+                return b.activation(self.values[args[0]], act, name)
         x = self.values.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         if target in RESHAPES:
             return self.reshape(node, x)
-        if target in POOL_FUNCTIONS:
-            op, dims = POOL_FUNCTIONS[target]
-            kernel = args[1] if len(args) > 1 else node.kwargs["kernel_size"]
-            stride = args[2] if len(args) > 2 else node.kwargs.get("stride")
-            padding = args[3] if len(args) > 3 else node.kwargs.get("padding", 0)
-            return self.pool(op, x, name, dims, kernel, stride, padding, node.kwargs.get("dilation", 1),
-                             node.kwargs.get("ceil_mode", False))
-        if target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+        if target in POOL_OPS:
+            op, dims = POOL_OPS[target]
+            kernel, stride = ops.arg(node, "kernel_size"), list(ops.arg(node, "stride")) or None
+            return self.pool(op, x, name, dims, kernel, stride, ops.arg(node, "padding"),
+                             ops.arg(node, "dilation") if op == "MaxPool" else 1, ops.arg(node, "ceil_mode"))
+        if target in ADAPTIVE:
             return self.adaptive_pool(node, x, name)
-        if target in ("contiguous",) or target in (F.dropout,):
+        if target in ops.COPIES:
             return x
-        if target in ("transpose", torch.transpose, "permute", torch.permute, "t"):
+        if target in (aten.transpose.int, aten.permute.default, aten.t.default):
             rank = self.rank(args[0])
-            if target in ("permute", torch.permute):
-                dims = args[1] if isinstance(args[1], (list, tuple)) else args[1:]
-                perm = [d % rank for d in dims]
-            elif target == "t":
+            if target is aten.permute.default:
+                perm = [d % rank for d in args[1]]
+            elif target is aten.t.default:
                 perm = [1, 0]
             else:
                 perm = list(range(rank))
                 i, j = args[1] % rank, args[2] % rank
                 perm[i], perm[j] = perm[j], perm[i]
             return b.node("Transpose", [x], name, perm=perm)
-        if target in ("mean", torch.mean):
-            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            keep = int(node.kwargs.get("keepdim", args[2] if len(args) > 2 else False))
-            return b.node("ReduceMean", [x, b.ints(f"{name}.axes", dims)], name, keepdims=keep)
-        if target in (torch.softmax, F.softmax, "softmax"):
-            dim = args[1] if len(args) > 1 else node.kwargs["dim"]
-            return b.node("Softmax", [x], name, axis=dim)
-        if target in (torch.cat, torch.concat):
-            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-            return b.node("Concat", [self.values[a] for a in args[0]], name, axis=dim)
-        if target in ("chunk", torch.chunk, "split", torch.split):
+        if target is aten.mean.dim:
+            dims = ops.arg(node, "dim")
+            keep = int(ops.arg(node, "keepdim"))
+            return b.node("ReduceMean", [x, b.ints(f"{name}.axes", list(dims))], name, keepdims=keep)
+        if target is aten.softmax.int:
+            return b.node("Softmax", [x], name, axis=ops.arg(node, "dim"))
+        if target in ops.JOIN - {aten.stack.default}:
+            return b.node("Concat", [self.values[a] for a in args[0]], name, axis=ops.arg(node, "dim"))
+        if target in SPLITS:
             return self.split(node)
-        if target is operator.getitem and isinstance(self.values.get(args[0]), list):
+        if target is aten.layer_norm.default:
+            shape = list(ops.arg(node, "normalized_shape"))
+            scale, bias = (ops.arg(node, k) for k in ("weight", "bias"))
+            ones = None if scale is not None else b.const(f"{name}.scale", np.ones(shape, np.float32))
+            inputs = [x, ones or self.values[scale], *([self.values[bias]] if bias is not None else [])]
+            return b.node("LayerNormalization", inputs, name, axis=-len(shape), epsilon=ops.arg(node, "eps"))
+        if target is aten.pad.default:
+            pad, mode = list(ops.arg(node, "pad")), ops.arg(node, "mode")
+            rank = self.rank(args[0])
+            begin, end = [0] * rank, [0] * rank
+            for i in range(len(pad) // 2):  # torch lists the last dimension first
+                begin[rank - 1 - i], end[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
+            value = ops.arg(node, "value") or 0.0
+            fill = [b.const(f"{name}.value", np.array(value, np.float32))] if mode == "constant" else []
+            return b.node("Pad", [x, b.ints(f"{name}.pads", begin + end), *fill], name, mode=PAD_MODES[mode])
+        if ops.is_getitem(node) and isinstance(self.values.get(args[0]), list):
             return self.values[args[0]][args[1]]
-        if target is operator.getitem and isinstance(args[1], int):  # x[i]: along the first dimension
-            return b.node("Gather", [x, b.const(f"{name}.index", np.array(args[1], np.int64))], name, axis=0)
-        raise UsageError(f"{name}: {getattr(target, '__name__', target)} has no ONNX export")
+        raise UsageError(f"{name}: {target} has no ONNX export")
 
     def split(self, node: fx.Node) -> list[str]:
-        args, dim = node.args, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        target, args = ops.base_op(node), node.args
+        dim = ops.arg(node, "dim")
         size = self.shape(args[0])[dim]
-        if node.target in ("chunk", torch.chunk):
+        if target is aten.chunk.default:
             step = -(-size // args[1])
             sizes = [min(step, size - i) for i in range(0, size, step)]
+        elif target is aten.split_with_sizes.default:
+            sizes = list(args[1])
+        elif target is aten.unbind.int:
+            sizes = [1] * size
         else:
-            sizes = list(args[1]) if isinstance(args[1], (list, tuple)) else \
-                [min(args[1], size - i) for i in range(0, size, args[1])]
+            sizes = [min(args[1], size - i) for i in range(0, size, args[1])]
         outs = [self.b.fresh(f"{node.name}_{i}") for i in range(len(sizes))]
         self.b.nodes.append(self.b.onnx.helper.make_node(
             "Split", [self.values[args[0]], self.b.ints(f"{node.name}.sizes", sizes)], outs, name=node.name,
             axis=dim))
+        if target is aten.unbind.int:
+            axes = self.b.ints(f"{node.name}.axes", [dim])
+            return [self.b.node("Squeeze", [out, axes], f"{node.name}_{i}_squeeze") for i, out in enumerate(outs)]
         return outs
 
 
@@ -405,11 +403,12 @@ class _ShapesAndConstants(ShapeProp):
         return result
 
 
-def to_onnx(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int, name: str) -> Any:
-    """An ONNX ModelProto of a pruned model (``ExportLayer``/``TensorQuant`` leaves), dynamic batch size."""
+def to_onnx(model: fx.GraphModule, input_shape: tuple[int, ...], num_outputs: int, name: str) -> Any:
+    """An ONNX ModelProto of a pruned model (its graph's ``ExportLayer``/``TensorQuant`` modules and ATen ops),
+    dynamic batch size."""
     onnx = _onnx()
     b = _Builder()
-    gm = fx.GraphModule(model, trace(model))
+    gm = copy.deepcopy(model)
     with torch.no_grad():
         _ShapesAndConstants(gm).propagate(torch.zeros(2, *input_shape[1:]))
     emit = _Emitter(b, model, gm.graph)
@@ -424,10 +423,15 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int, na
             continue  # sizes and other Python values: reshapes use the traced shapes
         elif node.op == "call_module":
             emit.values[node] = emit.module(node)
-        elif node.op in ("call_function", "call_method"):
+        elif node.op == "call_function":
             emit.values[node] = emit.function(node)
         elif node.op == "output":
-            output = b.node("Identity", [emit.values[node.args[0]]], "logits")
+            flat = node.args[0]
+            if isinstance(flat, (list, tuple)):  # the graph returns its outputs flattened
+                if len(flat) != 1:
+                    raise UsageError(f"{name} returns {len(flat)} tensors; the ONNX export takes models with one")
+                flat = flat[0]
+            output = b.node("Identity", [emit.values[flat]], "logits")
     T = onnx.TensorProto
     graph = onnx.helper.make_graph(
         b.nodes, name, [onnx.helper.make_tensor_value_info("input", T.FLOAT, ["batch", *input_shape[1:]])],

@@ -27,7 +27,7 @@ from .pruned import ExportPlan, LayerSpec, assemble, export_plan
 from .quant import QuantSpec, TensorQuant, spec_entry, spec_from_entry
 
 FORMAT = "bayesian-bits-packed"
-VERSION = 3
+VERSION = 4  # 4: the model's other tensors (norms, embeddings, tokens) travel in the file
 PACKED_BITS = BITS[:-1]  # every level below 32 bits; 32-bit weights stay fp32
 
 
@@ -94,7 +94,7 @@ def pack(loaded: Loaded) -> dict[str, Any]:
         })
     return {"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
             "input_shape": list(loaded.input_shape), "layers": layers,
-            "quantizers": {name: spec_entry(spec) for name, spec in plan.quantizers.items()}}
+            "quantizers": {name: spec_entry(spec) for name, spec in plan.quantizers.items()}, "state": plan.state}
 
 
 def export_packed(loaded: Loaded, out: str | Path) -> str:
@@ -112,7 +112,7 @@ def load_packed(path: str | Path, skeleton: torch.nn.Module | None = None,
     """Rebuild the pruned eval model from a packed file (see ``loader.read_export`` for ``skeleton``,
     ``trust_model_code`` and errors)."""
     data, skeleton = read_export(path, "packed", FORMAT, VERSION, skeleton, trust_model_code)
-    plan = ExportPlan([], {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()})
+    plan = ExportPlan([], {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()}, data["state"])
     for layer in data["layers"]:
         wq = spec_from_entry(layer["weight_quant"])
         shape = tuple(layer["shape"])

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import bn_fold, checkpoint_io, gate_bank
-from ..errors import UsageError
+from .. import bn_fold, checkpoint_io, fold_bank, gate_bank
+from ..errors import CheckpointError, UsageError
+from ..graph.dataflow import dataflow
 from ..layers import QuantLayer
 from .graph import QUANTIZERS, Region, regions
 from .layer import ExportLayer, plain_op
@@ -31,7 +32,8 @@ from .loader import Loaded, read_export
 from .quant import QuantSpec, TensorQuant, spec_entry, spec_from_entry, spec_of
 
 FORMAT = "bayesian-bits-pruned"
-VERSION = 1
+MISFIT = "load it into the model it was exported from"
+VERSION = 2  # 2: the model's other tensors (norms, embeddings, tokens) travel in the file
 
 
 @dataclass
@@ -49,10 +51,12 @@ class LayerSpec:
 
 @dataclass
 class ExportPlan:
-    """Everything the deployed model needs: its layers and the specs of the quantizers outside layers."""
+    """Everything the deployed model needs: its layers, the specs of the quantizers outside layers, and every other
+    parameter and buffer of the model (norms, embeddings, position and class tokens: float, as trained)."""
 
     layers: list[LayerSpec]
     quantizers: dict[str, QuantSpec] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -71,12 +75,15 @@ def eval_weight(layer: QuantLayer) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def layer_inputs(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, Tensor]:
-    """Each named layer's input for one random batch-1 forward of the eval model."""
+    """Each named layer's input for one batch-1 forward of the eval model: random values, or token ids 0."""
     seen: dict[str, Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: seen.__setitem__(n, args[0].detach())) for n in names]
     try:
-        model(torch.rand(input_shape, generator=torch.Generator().manual_seed(0)))  # any input: see _carry
+        dtype = dataflow(model).input_dtypes[0]
+        x = torch.rand(input_shape, generator=torch.Generator().manual_seed(0)) if dtype.is_floating_point \
+            else torch.zeros(input_shape, dtype=dtype)
+        model(x)  # any input: see _carry
     finally:
         for h in hooks:
             h.remove()
@@ -129,6 +136,8 @@ def export_plan(loaded: Loaded) -> ExportPlan:
     in_layers = tuple(f"{spec.name}." for spec in plan.layers)
     plan.quantizers = {n: spec_of(m) for n, m in model.named_modules()
                        if isinstance(m, QUANTIZERS) and not n.startswith(in_layers)}
+    replaced = (*in_layers, *(f"{n}." for n in plan.quantizers), f"{gate_bank.ATTRIBUTE}.", f"{fold_bank.ATTRIBUTE}.")
+    plan.state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(replaced)}
     return plan
 
 
@@ -142,12 +151,26 @@ def assemble(skeleton: nn.Module, plan: ExportPlan) -> nn.Module:
     ``ExportLayer`` and every other quantizer by its ``TensorQuant``; eval mode, no gradients."""
     model = copy.deepcopy(skeleton)
     gate_bank.remove(model)  # the export's quantizers have fixed gates
+    modules = dict(model.named_modules())
+    missing = [n for n in [*(spec.name for spec in plan.layers), *plan.quantizers]
+               if not isinstance(modules.get(n), (QuantLayer, *QUANTIZERS))]
+    if missing:
+        raise CheckpointError(f"the export names layers or quantizers the model does not have "
+                              f"({', '.join(missing[:3])}): {MISFIT}")
     for spec in plan.layers:
         layer = model.get_submodule(spec.name)
         _replace(model, spec.name, ExportLayer(plain_op(layer, spec.weight, spec.bias), spec.bias_map,
                                                layer.activation, spec.act_quant, spec.weight_quant))
     for name, spec in plan.quantizers.items():
         _replace(model, name, TensorQuant(spec))
+    try:
+        unexpected = model.load_state_dict(plan.state, strict=False).unexpected_keys
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"the export's tensors do not fit the model ({str(exc).splitlines()[-1].strip()}): "
+                              f"{MISFIT}") from None
+    if unexpected:
+        raise CheckpointError(f"the export holds tensors the model does not have ({', '.join(unexpected[:3])}): "
+                              f"{MISFIT}")
     return model.eval().requires_grad_(False)
 
 
@@ -165,7 +188,8 @@ def export_pruned(loaded: Loaded, out: str | Path) -> str:
               for s in plan.layers]
     checkpoint_io.save({"format": FORMAT, "version": VERSION, "model": loaded.name, "options": loaded.options,
                         "input_shape": list(loaded.input_shape), "layers": layers,
-                        "quantizers": {name: spec_entry(spec) for name, spec in plan.quantizers.items()}}, out)
+                        "quantizers": {name: spec_entry(spec) for name, spec in plan.quantizers.items()},
+                        "state": plan.state}, out)
     return f"wrote {out}: pruned float model, {layer_parameters(model):,} parameters " \
            f"(unpruned eval model {layer_parameters(loaded.model):,})"
 
@@ -176,7 +200,7 @@ def load_pruned(path: str | Path, skeleton: nn.Module | None = None, trust_model
     data, skeleton = read_export(path, "pruned", FORMAT, VERSION, skeleton, trust_model_code)
     plan = ExportPlan([LayerSpec(e["name"], e["weight"], e["bias"], e["bias_map"], spec_from_entry(e["weight_quant"]),
                                  spec_from_entry(e["act_quant"]), e["kept"]) for e in data["layers"]],
-                      {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()})
+                      {name: spec_from_entry(spec) for name, spec in data["quantizers"].items()}, data["state"])
     return assemble(skeleton, plan)
 
 

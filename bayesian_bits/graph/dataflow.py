@@ -1,14 +1,15 @@
 """What the graph analysis of `prepare` records about a model: its MAC-carrying ops and where their inputs come from.
 
 One description serves MAC assignment, quantizer groups, BOP accounting and export's channel removal (SPEC A8).
-Everything is named by module path (or fx node name for activation-by-activation matmuls), never by module
-object, so it stays valid when quantizers are swapped (`convert_to_fixed`) or the model is copied.
+Everything is named by module path (`<module>.<op>` for MAC ops other than layers), never by module object, so it
+stays valid when quantizers are swapped (`convert_to_fixed`) or the model is copied.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 INPUT_BITS = 8  # the network input has 8-bit colour values (§3.5)
@@ -34,8 +35,9 @@ class Slice:
 
 @dataclass(frozen=True)
 class Term:
-    """One MAC-carrying op: a conv/linear layer (`weight` = its weight quantizer's path, None when the layer is
-    float) or a matmul of two activations (`other` = the second operand's slices)."""
+    """One MAC-carrying op: a conv/linear layer (`layer`: `name` is its module path), another op over a parameter
+    (`weight` = the weight quantizer's path, None when the weight is float) or a product of two activations (`other`
+    = the second operand's slices); ops other than layers are named `<module>.<op>` after the module that ran them."""
 
     name: str
     macs: int
@@ -43,6 +45,7 @@ class Term:
     weight: str | None = None
     other: tuple[Slice, ...] = ()
     depthwise: bool = False
+    layer: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,17 @@ class Region:
 @dataclass
 class Dataflow:
     """The analysis of a prepared model: its MAC-carrying ops in execution order, the layer producing the output
-    (`logits`), the removable channel regions, and the batch-1 input shapes the MACs were counted for."""
+    (`logits`), the removable channel regions, and the batch-1 input shapes (and dtypes) the MACs were counted for."""
 
     terms: list[Term]
     logits: tuple[str, ...] = ()
     regions: dict[str, Region] = field(default_factory=dict)
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtypes: tuple[torch.dtype, ...] = ()
 
     @property
     def total_macs(self) -> int:
-        """MACs of one batch-1 forward over every conv, linear and matmul."""
+        """MACs of one batch-1 forward over every conv, linear, matmul, einsum and attention product."""
         return sum(t.macs for t in self.terms)
 
 

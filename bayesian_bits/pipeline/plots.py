@@ -4,6 +4,7 @@ matplotlib figures (no pyplot), so the user's plotting backend is never touched.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ CURVES_PNG = "training_curves.png"
 BUDGET_PNG = "budget.png"
 NO_ACT_LABEL = "no activation quantizer"
 LEGEND_COLUMNS = 3
+TITLE_CHARS_PER_INCH = 9  # at the default 12-point title font
 
 
 def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -53,7 +55,7 @@ def plot_layers(layers: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     kept.set_ylabel("fraction of output channels kept")
     handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
     handles.sort(key=lambda h: h.get_label() == NO_ACT_LABEL)  # the bars' entries first
-    ax.set_title(title, pad=_legend_above(ax, handles))
+    ax.set_title(_fit(title, fig), pad=_legend_above(ax, handles))
     fig.tight_layout()
     _save(fig, path)
 
@@ -92,9 +94,14 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> No
     handles = ax.get_legend_handles_labels()[0] + bops.get_legend_handles_labels()[0]
     if finetune:
         handles.append(ax.axvline(min(finetune) - 0.5, color="k", linestyle="--", label="fine-tuning starts"))
-    ax.set_title(title, pad=_legend_above(ax, handles))
+    ax.set_title(_fit(title, fig), pad=_legend_above(ax, handles))
     fig.tight_layout()
     _save(fig, path)
+
+
+def _fit(title: str, fig: Figure) -> str:
+    """The title wrapped to the figure's width (a long model name would run past both edges)."""
+    return textwrap.fill(title, width=int(TITLE_CHARS_PER_INCH * fig.get_figwidth()))
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -134,6 +141,6 @@ def plot_budget(records: Sequence[dict[str, Any]], path: Path, title: str, final
     mu.set_ylabel("μ (regulariser weight)", color="C2")
     handles = ax.get_legend_handles_labels()[0] + mu.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
-    ax.set_title(title)
+    ax.set_title(_fit(title, fig))
     fig.tight_layout()
     _save(fig, path)

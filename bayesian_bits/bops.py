@@ -326,9 +326,11 @@ def _fmt(v: float | str | None, spec: str) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The report as text: one row per layer, bit-width counts and the BOP summary line."""
+    """The report as text: one row per layer (and per activation matmul), then the quantizers placed after other
+    ops (adds, norms, softmax), bit-width counts and the BOP summary line."""
+    n = max([32, *(len(r["name"]) for r in report["layers"]), *(len(q["name"]) for q in report["quantizers"])])
     head = (
-        f"{'layer':<32} {'MACs':>11} {'in':>5} {'W':>5} {'A':>5} {'out%':>6} {'in%':>6} "
+        f"{'layer':<{n}} {'MACs':>11} {'in':>5} {'W':>5} {'A':>5} {'out%':>6} {'in%':>6} "
         f"{'w x_max':>9} {'a x_max':>9}  {'w σ(γ4..γ32)':<27} {'a σ(γ4..γ32)':<27}"
     )
     lines = [head, "-" * len(head)]
@@ -337,7 +339,7 @@ def format_report(report: dict) -> str:
         wg = " ".join(f"{g:.2f}" for g in w.get("gates", [])) or "-"
         ag = " ".join(f"{g:.2f}" for g in a.get("gates", [])) or "-"
         lines.append(
-            f"{r['name']:<32} {r['macs']:>11,} {_fmt(r['input_bits'], 'g'):>5} {_fmt(r['weight_bits'], 'g'):>5} "
+            f"{r['name']:<{n}} {r['macs']:>11,} {_fmt(r['input_bits'], 'g'):>5} {_fmt(r['weight_bits'], 'g'):>5} "
             f"{_fmt(r['act_bits'], 'd'):>5} {r['kept_out_pct']:>6.1f} {r['kept_in_pct']:>6.1f} "
             f"{_fmt(w.get('x_max'), '.4g'):>9} {_fmt(a.get('x_max'), '.4g'):>9}  {wg:<27} {ag:<27}"
         )
@@ -345,7 +347,7 @@ def format_report(report: dict) -> str:
     for q in report["quantizers"]:
         if q["name"] not in listed:
             lines.append(
-                f"{q['name']:<32} {'(not a layer input)':>11} {'':>5} {'':>5} {q['bits']:>5} {'':>6} {'':>6} "
+                f"{q['name']:<{n}} {'(after an op)':>11} {'':>5} {'':>5} {q['bits']:>5} {'':>6} {'':>6} "
                 f"{'':>9} {q['x_max']:>9.4g}  {'':<27} {' '.join(f'{g:.2f}' for g in q.get('gates', [])) or '-':<27}"
             )
     lines.append(f"weight quantizers per bit width: {report['weight_bit_counts']}")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import bn_fold, gate_bank
+from .graph.modules import set_module
 from .layers import QuantLayer
 from .quantizer import BayesianBitsQuantizer, FixedQuantizer
 
@@ -33,8 +34,7 @@ def convert_to_fixed(model: nn.Module) -> nn.Module:
         if isinstance(q, BayesianBitsQuantizer):
             if not q.is_calibrated:
                 raise RuntimeError(f"quantizer {name} was never calibrated; run calibrate(model, images) first")
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, _fixed(q))
+            set_module(model, name, _fixed(q))
     for layer in model.modules():
         if isinstance(layer, QuantLayer) and layer.bn is not None:
             bn_fold.static_fold(layer, layer.bn)

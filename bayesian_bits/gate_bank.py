@@ -26,7 +26,6 @@ from . import fold_bank, gates
 LEVELS = len(GATED_BITS)
 STEPS = tuple(b // 2 for b in GATED_BITS)  # the bits each level adds: 2, 4, 8, 16
 ATTRIBUTE = "bb_gates"
-FOLDS = fold_bank.ATTRIBUTE  # the fold bank whose step the gate bank's begins
 
 
 @dataclass(frozen=True)
@@ -285,8 +284,8 @@ def banks(model: nn.Module) -> list[GateBank]:
 def remove(model: nn.Module) -> None:
     """Take a prepared model's bank out (its graph nodes and the submodule, and the fold bank it runs): after
     `convert_to_fixed` no quantizer reads it."""
-    if hasattr(model, FOLDS):
-        delattr(model, FOLDS)
+    if hasattr(model, fold_bank.ATTRIBUTE):
+        delattr(model, fold_bank.ATTRIBUTE)
     if not isinstance(getattr(model, ATTRIBUTE, None), GateBank):
         return
     graph = model.graph

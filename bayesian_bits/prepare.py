@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from . import gate_bank
+from . import fold_bank, gate_bank
 from .config import QuantConfig
-from .fold_bank import FoldBank
 from .graph import aten as ops
 from .graph.capture import capture
 from .graph.dataflow import ATTRIBUTE, Dataflow
@@ -176,10 +175,10 @@ def _attach_gate_bank(gm: fx.GraphModule, graph: fx.Graph) -> None:
             if isinstance(q, BayesianBitsQuantizer) and q.bank is bank and bank.specs[q.row].prunes \
                     and bank.sizes[q.row]:
                 rows[i] = (bank.starts[q.row], bank.sizes[q.row])
-        folds = FoldBank(layers, rows)
+        folds = fold_bank.FoldBank(layers, rows)
         for i, layer in enumerate(layers):
             layer.join_folds(folds, i, i in rows)
-        gm.add_submodule(gate_bank.FOLDS, folds)
+        gm.add_submodule(fold_bank.ATTRIBUTE, folds)
         bank.__dict__["folds"] = folds  # a reference: the model owns the fold bank
     first = next(n for n in graph.nodes if n.op == "placeholder")
     with graph.inserting_after(first):

@@ -77,7 +77,7 @@ class LaunchCounter(TorchDispatchMode):
         elif any(self._ranges):  # only CPU tensors are checked here; a GPU kernel checks its values itself
             pass
         elif name in SYNCS:
-            self.syncs += not self._in_op
+            self.syncs += 1
         elif not (_is_view(func) or name in ALLOCATIONS):
             namespace = func.namespace
             self.counts[name if namespace == "aten" else f"{namespace}::{name}"] += 1

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import bn_fold, checkpoint_io, fold_bank, gate_bank
 from ..errors import CheckpointError, UsageError
 from ..graph.dataflow import dataflow
+from ..graph.modules import set_module
 from ..layers import QuantLayer
 from .graph import QUANTIZERS, Region, regions
 from .layer import ExportLayer, plain_op
@@ -141,11 +142,6 @@ def export_plan(loaded: Loaded) -> ExportPlan:
     return plan
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)
-
-
 def assemble(skeleton: nn.Module, plan: ExportPlan) -> nn.Module:
     """A copy of ``skeleton`` (the quantized model, for its structure) with every layer replaced by its
     ``ExportLayer`` and every other quantizer by its ``TensorQuant``; eval mode, no gradients."""
@@ -159,10 +155,10 @@ def assemble(skeleton: nn.Module, plan: ExportPlan) -> nn.Module:
                               f"({', '.join(missing[:3])}): {MISFIT}")
     for spec in plan.layers:
         layer = model.get_submodule(spec.name)
-        _replace(model, spec.name, ExportLayer(plain_op(layer, spec.weight, spec.bias), spec.bias_map,
+        set_module(model, spec.name, ExportLayer(plain_op(layer, spec.weight, spec.bias), spec.bias_map,
                                                layer.activation, spec.act_quant, spec.weight_quant))
     for name, spec in plan.quantizers.items():
-        _replace(model, name, TensorQuant(spec))
+        set_module(model, name, TensorQuant(spec))
     try:
         unexpected = model.load_state_dict(plan.state, strict=False).unexpected_keys
     except (RuntimeError, TypeError, AttributeError) as exc:

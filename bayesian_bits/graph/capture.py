@@ -50,7 +50,7 @@ class CaptureError(ValueError):
 
 def capture(model: nn.Module, inputs: tuple[Tensor, ...]) -> fx.GraphModule:
     """``model`` (a copy the caller owns: its modules are reused) as an fx graph of ATen ops and mode-dependent
-    modules; ``inputs`` are batch-1 examples."""
+    modules; ``inputs`` are batch-1 examples on the model's device."""
     _runs(model, inputs)
     example = tuple(torch.cat([x, x]) for x in inputs)  # batch 2: export specialises sizes 0 and 1
     train = _export(model.train(), example)
@@ -368,13 +368,12 @@ def _functionalize(graph: fx.Graph) -> None:
 
 
 def _shapes(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> None:
-    """`tensor_meta` of every node for the batch-1 ``inputs`` (eval mode, on the model's device)."""
-    device = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+    """`tensor_meta` of every node for the batch-1 ``inputs`` (eval mode)."""
     printed = io.StringIO()  # ShapeProp prints the traceback of a failing node before raising its own error
     was = gm.training
     try:
         with torch.no_grad(), contextlib.redirect_stderr(printed):
-            ShapeProp(gm.eval()).propagate(*(x.to(device) for x in inputs))
+            ShapeProp(gm.eval()).propagate(*inputs)
     except Exception as err:
         cause = err.__cause__ or err
         raise CaptureError(f"the captured graph does not run on the batch-1 example: {type(cause).__name__}: "

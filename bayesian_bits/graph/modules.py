@@ -23,13 +23,9 @@ def call_key(node: fx.Node) -> str | None:
 def scope(path: str, model: nn.Module) -> str:
     """The prefix for a module created on behalf of module ``path``: ``path.``, or its parent's for a module of torch
     itself without children (a ReLU, a BatchNorm, a Dropout: as if the op ran in the parent), '' at the top."""
-    if path:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            module = None
-        if module is not None and type(module).__module__.startswith("torch.nn.") and not list(module.children()):
-            path = path.rpartition(".")[0]
+    module = model.get_submodule(path) if path and has(model, path) else None
+    if module is not None and type(module).__module__.startswith("torch.nn.") and not list(module.children()):
+        path = path.rpartition(".")[0]
     return f"{path}." if path else ""
 
 

@@ -15,9 +15,9 @@ import torch
 import bayesian_bits as bb
 from bayesian_bits.graph.dataflow import dataflow
 from tests import zoo
+from tests.checks import ZOO_CONFIG
 
 PINS = Path(__file__).with_name("data") / "prepare_pins.json"
-ZOO_CONFIG = bb.QuantConfig(6, 6, -6, -6, include_pruning=True, reg_type="bop")  # 8-bit at init
 PAPER = {"lenet5quantized": (1, 28, 28), "vggquantized": (3, 32, 32), "resnet18": (3, 64, 64),
          "mobilenetv2": (3, 64, 64)}
 

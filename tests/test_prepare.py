@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 import bayesian_bits as bb
 from bayesian_bits.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from bayesian_bits.quantizer import BayesianBitsQuantizer
-from tests import zoo
+from tests import prepare_pins, zoo
 from tests.checks import ZOO_CONFIG, assert_agrees, flop_counter_macs, randomize_gates
 
 CONFIG = bb.QuantConfig(include_pruning=True, reg_type="bop")
@@ -271,3 +273,15 @@ def test_zoo_exports(name, tmp_path, one_thread):
         out = pruned(xs)
         assert_agrees(out, ref)
         assert torch.equal(load_packed(tmp_path / "m.packed", skeleton=skeleton)(xs), out)
+
+
+@pytest.mark.parametrize("name", prepare_pins.NAMES)
+def test_capture_keeps_the_pinned_placement_macs_and_outputs(name):
+    """The CNN zoo and the paper models as the torch.fx capture prepared them (tests/data/prepare_pins.json):
+    the same quantizers in the same order, MACs and input slices of every layer and matmul, regions, BOPs at init;
+    eval outputs equal up to fp32 summation order."""
+    pinned = json.loads(prepare_pins.PINS.read_text())[name]
+    got = prepare_pins.values(name)
+    for key in ("logits", "logits_abs"):
+        torch.testing.assert_close(torch.tensor(got.pop(key)), torch.tensor(pinned.pop(key)), rtol=1e-5, atol=1e-6)
+    assert got == pinned

@@ -44,11 +44,13 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-def mnist(data_dir: Path, fashion: bool = False, fetch: bool = True) -> tuple[Dataset, Dataset]:
-    """MNIST (or Fashion-MNIST) train/test with ``ToTensor`` only (no normalisation); ``fetch``: see `load_data`."""
+def mnist(data_dir: Path, fashion: bool = False, fetch: bool = True, channels: int = 1) -> tuple[Dataset, Dataset]:
+    """MNIST (or Fashion-MNIST) train/test with ``ToTensor`` only (no normalisation); ``channels`` 3 repeats the
+    gray channel; ``fetch``: see `load_data`."""
     cls = datasets.FashionMNIST if fashion else datasets.MNIST
     ensure_idx(data_dir, cls.__name__, fetch)
-    tf = transforms.ToTensor()
+    tf = transforms.ToTensor() if channels == 1 else transforms.Compose(
+        [transforms.Grayscale(num_output_channels=channels), transforms.ToTensor()])
     return cls(str(data_dir), train=True, transform=tf), cls(str(data_dir), train=False, transform=tf)
 
 
@@ -180,7 +182,8 @@ def load_data(exp: Experiment, data_dir: str | Path, synthetic: int | None = Non
               *, image_size: int | None = None, channels: int | None = None, num_classes: int | None = None,
               norm: tuple[Sequence[float], Sequence[float]] | None = None, fetch: bool = True) -> Data:
     """The datasets of ``exp`` and their ``info``; ``synthetic=N`` gives N random images per split instead (tests
-    only). ``image_size``, ``channels`` and ``norm`` apply to ImageFolder; ``num_classes`` (default the
+    only). ``image_size`` and ``norm`` apply to ImageFolder, ``channels`` to ImageFolder and the grayscale datasets
+    (3: the gray channel repeated); ``num_classes`` (default the
     experiment's, the class folders' for ImageFolder) must match the folders there. Without ``fetch`` (a folder the
     user did not name, e.g. a checkpoint's) nothing is downloaded, decompressed or created: the data must be there."""
     info: dict[str, Any] = {"channels": exp.channels, "num_classes": num_classes or exp.num_classes,
@@ -198,9 +201,11 @@ def load_data(exp: Experiment, data_dir: str | Path, synthetic: int | None = Non
             raise DataError(f"--num-classes {num_classes}: {data_dir}/train has {found['num_classes']} class "
                             "folders; drop --num-classes or pass that number")
         info.update(found)
+    elif exp.channels == 1:
+        info["channels"] = channels or exp.channels
+        train, val = mnist(Path(data_dir), fashion=exp.name == "fashion-mnist", fetch=fetch, channels=info["channels"])
     else:
-        loaders = {"mnist": mnist, "fashion-mnist": partial(mnist, fashion=True), "cifar10": cifar10,
-                   "imagenet": imagenet}
+        loaders = {"cifar10": cifar10, "imagenet": imagenet}
         train, val = loaders[exp.name](Path(data_dir), fetch=fetch)
     mac_side = side if exp.name == "imagefolder" or synthetic_size else exp.mac_image_size
     info.update(image_size=side, mac_shape=[1, info["channels"], mac_side, mac_side])

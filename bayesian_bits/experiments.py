@@ -47,6 +47,8 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 MODELS: tuple[str, ...] = ("lenet5quantized", "vggquantized", "resnet18", "mobilenetv2")
+# The grayscale datasets, which --channels 3 reads as RGB (the gray channel repeated).
+GRAY_EXPERIMENTS: tuple[str, ...] = tuple(n for n, e in EXPERIMENTS.items() if e.channels == 1)
 
 
 def get_experiment(name: str, model: str) -> Experiment:
@@ -56,7 +58,8 @@ def get_experiment(name: str, model: str) -> Experiment:
     exp = EXPERIMENTS[name]
     if model not in MODELS and ":" not in model:
         raise UsageError(f"--model {model!r} is unknown; choose one of: {', '.join(MODELS)}, torchvision:<builder> "
-                         "(e.g. torchvision:resnet18) or package.module:callable (your own nn.Module)")
+                         "(e.g. torchvision:resnet18), timm:<name> (e.g. timm:resnet18) or package.module:callable "
+                         "(your own nn.Module)")
     if model in MODELS and not exp.any_model and model not in exp.models:
         raise UsageError(
             f"--model {model} does not fit --experiment {name} "
@@ -99,7 +102,7 @@ def check_stored_options(options: Mapping[str, Any], source: str) -> None:
             refuse(name, f"must be a string, got {options.get(name)!r}")
     if options["experiment"] not in EXPERIMENTS:
         refuse("experiment", f"must be one of {', '.join(EXPERIMENTS)}, got {options['experiment']!r}")
-    for name in ("skip", "override"):
+    for name in ("skip", "override", "model_args"):
         if options.get(name) is not None:
             strings(name, options[name])
     for name, low, high in (("num_classes", 1, MAX_CLASSES), ("synthetic_image_size", 8, MAX_SIDE)):
@@ -145,6 +148,32 @@ def num_classes(options: Mapping[str, Any]) -> int | None:
 
 
 _OVERRIDE_VALUES = {"weight_bits": "bits", "act_bits": "bits", "prune": "bool", "gamma_inits": "floats"}
+
+
+def parse_model_args(items: list[str]) -> dict[str, bool | int | float | str]:
+    """``--model-args`` values (KEY=VALUE) as builder keywords: integers, finite floats, true/false, else strings;
+    bad text is a ``UsageError`` naming the item and the form to use."""
+    out: dict[str, bool | int | float | str] = {}
+    for item in items:
+        key, eq, value = (t.strip() for t in item.partition("="))
+        if not eq or not key.isidentifier() or not value:
+            raise UsageError(f"--model-args {item!r}: use KEY=VALUE with KEY a keyword of the builder, e.g. "
+                             "img_size=28 patch_size=4")
+        out[key] = _literal(value)
+    return out
+
+
+def _literal(text: str) -> bool | int | float | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import bbkernels
 from bbkernels.ladder import BITS, GATED_BITS
 
-from . import gates
+from . import gates, ranges
 from .gate_bank import GateBank, Row
 from .graph.dataflow import FLOAT_BITS
 
@@ -76,12 +76,18 @@ class _Quantizer(nn.Module):
             not getattr(self, "calibrating", None)
 
     def _sync(self) -> None:
-        """Refresh the Python mirrors of buffers (the operator takes Python values; no host sync per step)."""
+        """Refresh the Python mirrors of buffers (the operator takes Python values; no host sync per step) and mark
+        the range parameter, which a loaded state may have replaced, for the optimizers' projection (ranges.py)."""
         self._signed = bool(self.signed)
+        ranges.track(self.x_max)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._sync()
+
+    def __setstate__(self, state: dict) -> None:  # a deep copy or an unpickled module: new parameter objects
+        super().__setstate__(state)
+        ranges.track(self.x_max)
 
     def _fixed_or_float(self, x: Tensor, bits: int | None, mask: Tensor | None) -> Tensor:
         """FIXED at `bits` (None: FLOAT), times the channel `mask` (0/1 or gates) when given."""
@@ -216,21 +222,23 @@ class BayesianBitsQuantizer(_Quantizer):
 
     @torch.no_grad()
     def _init_range(self, x: Tensor) -> None:
-        """§1.2: x_min = min(data, 0), x_max = max(data, 0), signed iff x_min < 0 (sync is fine here)."""
+        """§1.2: x_min = min(data, 0), x_max = max(data, 0), signed iff x_min < 0 (sync is fine here). Where that range
+        is empty (the reference's quirk 11) it is widened, with a warning naming the quantizer: all-zero data (a
+        zero-initialised head or BN scale) to ±ZERO_DATA_RANGE, data with no positive value to ±|x_min|."""
         x_min, x_max = torch.aminmax(x.detach().float())
-        x_min, x_max = x_min.clamp(max=0.0), x_max.clamp(min=0.0)
-        if float(x_min) == float(x_max) == 0:  # a zero-initialised layer (torchvision ViT's head, zero-init residuals)
-            warnings.warn(f"quantizer {self.calibrating}: the calibration data is all zero, so its range starts at "
-                          f"[-{ZERO_DATA_RANGE:g}, {ZERO_DATA_RANGE:g}] and is learned from there", stacklevel=2)
-            x_min, x_max = x_min - ZERO_DATA_RANGE, x_max + ZERO_DATA_RANGE
-        if not float(x_max) > 0:
-            raise ValueError(
-                f"quantizer {self.calibrating}: the calibration data has no positive value (max {float(x_max)}), "
-                "so the range would be empty; calibrate with other or more images"
-            )
-        self.x_min.copy_(x_min)
-        self.x_max.copy_(x_max)
-        self.signed.fill_(bool(x_min < 0))
+        x_min, x_max = float(x_min.clamp(max=0.0)), float(x_max.clamp(min=0.0))
+        if x_max == 0:
+            if x_min == 0:
+                x_min, x_max = -ZERO_DATA_RANGE, ZERO_DATA_RANGE
+                cause = "is all zero (a zero-initialised layer or scale feeds it)"
+            else:
+                x_max = -x_min
+                cause = f"has no positive value (min {x_min:g}), so the reference's range [0, max] would be empty"
+            warnings.warn(f"quantizer {self.calibrating}: its calibration data {cause}; its range starts at "
+                          f"[{x_min:g}, {x_max:g}] and is learned from there", stacklevel=2)
+        self.x_min.fill_(x_min)
+        self.x_max.fill_(x_max)
+        self.signed.fill_(x_min < 0)
         self.initialized.fill_(True)
         self._sync()
 

@@ -1,6 +1,10 @@
-"""Shared test set-up: Triton runs under its interpreter on CPU tensors when there is no GPU; fixtures."""
+"""Shared test set-up: Triton runs under its interpreter on CPU tensors when there is no GPU; no model hub; fixtures."""
 
 import os
+
+# Tests never reach the Hugging Face hub (CI has no route to it): a missing file fails at once instead of after
+# retries. Read by huggingface_hub at its import, so set before anything imports timm or transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -62,8 +62,9 @@ def test_range_init_from_first_forward():
     assert q.is_signed and q.x_max.item() == pytest.approx(3.41) and float(q.x_min) == pytest.approx(-2.61)
     relu = calibrated(torch.rand(4, 3, 5, 5))
     assert not relu.is_signed and float(relu.x_min) == 0.0
-    with pytest.raises(ValueError, match="no positive value"):
-        calibrated(-torch.rand(10))
+    with pytest.warns(UserWarning, match=r"no positive value \(min -2\.5\)"):
+        negative = calibrated(-torch.tensor([0.5, 2.5, 1.0]))  # the reference's [0, max] would be empty
+    assert negative.is_signed and float(negative.x_max) == 2.5
     with pytest.warns(UserWarning, match="all zero"):
         zero = calibrated(torch.zeros(3, 4), channels=3)  # a zero-initialised head
     assert zero.is_signed and float(zero.x_min) == -1.0 and float(zero.x_max) == 1.0

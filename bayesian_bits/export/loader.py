@@ -11,7 +11,15 @@ from torch import nn
 from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
 from ..errors import CheckpointError, ModelCodeError, UsageError
-from ..experiments import check_stored_options, get_experiment, input_shape, num_classes, parse_overrides, quant_config
+from ..experiments import (
+    check_stored_options,
+    get_experiment,
+    input_shape,
+    num_classes,
+    parse_model_args,
+    parse_overrides,
+    quant_config,
+)
 from ..graph.dataflow import dataflow, unwrap
 from ..models import build_model
 
@@ -42,7 +50,8 @@ def model_from_options(options: Any, source: str, trust_model_code: bool = False
     try:
         return build_model(options["model"], config, num_classes=num_classes(options),
                            input_shape=input_shape(options)[1:], skip=options.get("skip") or (),
-                           overrides=parse_overrides(options.get("override") or []), trust_code=trust_model_code)
+                           overrides=parse_overrides(options.get("override") or []),
+                           model_args=parse_model_args(options.get("model_args") or []), trust_code=trust_model_code)
     except ModelCodeError as exc:
         raise ModelCodeError(f"{source}: its {exc}") from None
     except ValueError as exc:

@@ -3,7 +3,7 @@
 `build_model(name, config)` gives the prepared (quantized) model, `build_float_model(name)` the float model it
 is prepared from: LeNet5 and VGG7 from this package, ResNet-18 and MobileNetV2 from torchvision (ImageNet weights
 with pretrained=True, BN statistics included). Both also take a user's model spec (`resolve_float_model`):
-``torchvision:<builder>`` or ``package.module:callable``.
+``torchvision:<builder>``, ``timm:<name>`` or ``package.module:callable``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ __all__ = ["MODELS", "VGG7", "LeNet5", "ModelSpec", "build_float_model", "build_
            "resolve_float_model", "torchvision_model"]
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
+SPEC_FORMS = "torchvision:<builder>, timm:<name> or package.module:callable"
+# Builder keywords that come from the run, not from model_args: keyword → what sets it.
+RESERVED_ARGS = {"num_classes": "--num-classes (the dataset's classes)", "in_channels": "--channels",
+                 "in_chans": "--channels", "pretrained": "--pretrained", "weights": "--pretrained / --weights",
+                 "name": "--model", "model_name": "--model"}
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,10 @@ def is_paper_model(spec: str) -> bool:
     return spec in MODELS
 
 
-def _call_factory(factory: Callable[..., Any], num_classes: int | None, in_channels: int | None) -> Any:
-    """Call a user factory with the keywords among ``num_classes``/``in_channels`` its signature accepts."""
+def _call_factory(spec: str, factory: Callable[..., Any], num_classes: int | None, in_channels: int | None,
+                  model_args: dict[str, Any]) -> nn.Module:
+    """Call a user factory with ``model_args`` and the keywords among ``num_classes``/``in_channels`` its signature
+    accepts."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -105,7 +113,7 @@ def _call_factory(factory: Callable[..., Any], num_classes: int | None, in_chann
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
               if v is not None and (takes_all or k in params)}
-    return factory(**kwargs)
+    return _built(spec, factory, **kwargs, **model_args)
 
 
 def _load_pretrained(model: nn.Module, name: str) -> None:
@@ -124,28 +132,69 @@ def _load_pretrained(model: nn.Module, name: str) -> None:
 def _check_spec(spec: str) -> None:
     module_name, sep, attr = spec.partition(":")
     if not is_paper_model(spec) and (not sep or not module_name or not attr):
-        raise ValueError(f"unknown model {spec!r}; use one of {', '.join(MODELS)}, torchvision:<builder> or "
-                         "package.module:callable")
+        raise ValueError(f"unknown model {spec!r}; use one of {', '.join(MODELS)}, {SPEC_FORMS}")
 
 
 def resolve_float_model(spec: str, *, pretrained: bool = False, num_classes: int | None = None,
                         in_channels: int | None = None, weights: str | Path | None = None,
-                        trust_code: bool = True) -> nn.Module:
+                        model_args: Mapping[str, Any] | None = None, trust_code: bool = True) -> nn.Module:
     """The float model of a model spec: a paper name (`build_float_model`), ``torchvision:<builder>`` (any
     ``torchvision.models`` builder; ``pretrained`` loads its default weights, all but a head of another class
-    count) or ``package.module:callable`` (imported from ``sys.path``; called with ``num_classes``/``in_channels``
-    where its signature takes them); then float ``weights`` loaded (`load_float_weights`). A bad spec or weights
-    file is a ``ValueError`` saying what to use. A spec read from a file is not the user's word: with ``trust_code``
-    False a ``package.module:callable`` spec is a `ModelCodeError` (nothing is imported) — the paper models and
-    torchvision's builders need no code of anyone's."""
-    model = _spec_model(spec, pretrained, num_classes, in_channels, trust_code)
+    count), ``timm:<name>`` (``timm.create_model``, which adapts ``in_channels`` and, with ``pretrained``, the
+    head and stem of its weights) or ``package.module:callable`` (imported from ``sys.path``; called with
+    ``num_classes``/``in_channels`` where its signature takes them); ``model_args`` are further keywords of the
+    builder (e.g. ``img_size``/``patch_size`` of a timm ViT). Then float ``weights`` are loaded
+    (`load_float_weights`). A bad spec or weights file is a ``ValueError`` saying what to use. A spec read from a
+    file is not the user's word: with ``trust_code`` False a ``package.module:callable`` spec is a `ModelCodeError`
+    (nothing is imported) — the paper models and torchvision's and timm's builders need no code of anyone's."""
+    model_args = dict(model_args or {})
+    if model_args and is_paper_model(spec):
+        raise ValueError(f"model {spec!r}: the paper models take no builder arguments; drop them (--model-args)")
+    taken = sorted(RESERVED_ARGS.keys() & model_args.keys())
+    if taken:
+        raise ValueError(f"model {spec!r}: {', '.join(taken)} in its builder arguments (--model-args) are set by "
+                         f"{', '.join(RESERVED_ARGS[k] for k in taken)}; drop them there")
+    model = _spec_model(spec, pretrained, num_classes, in_channels, model_args, trust_code)
     if weights is not None:
         load_float_weights(model, weights)
     return model
 
 
+def _built(spec: str, build: Callable[..., Any], **kwargs: Any) -> nn.Module:
+    """``build(**kwargs)``, whose bad keywords (a ``TypeError``) are a ``ValueError`` naming the spec."""
+    try:
+        model = build(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {spec!r}: its builder refused its arguments ({exc}); check --model-args") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r}: the builder returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _timm_model(spec: str, pretrained: bool, num_classes: int | None, in_channels: int | None,
+                model_args: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"model {spec!r}: timm is not installed; pip install 'bayesian-bits[models]' (or timm)") \
+            from None
+    name = spec[len(TIMM_PREFIX):]
+    if not timm.is_model(name):
+        raise ValueError(f"model {spec!r}: timm has no model {name!r}; see timm.list_models('*{name[:4]}*') "
+                         "(e.g. timm:resnet18, timm:vit_tiny_patch16_224)")
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_channels)) if v is not None}
+    try:
+        return _built(spec, timm.create_model, model_name=name, pretrained=pretrained, **kwargs, **model_args)
+    except (OSError, RuntimeError) as err:  # hub and file errors of any kind get one clear message
+        if not pretrained:
+            raise
+        raise RuntimeError(f"could not load timm's pretrained {name} weights ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:200]}); put them in the Hugging Face cache ($HF_HOME), or "
+                           "train without pretrained") from None
+
+
 def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channels: int | None,
-                trust_code: bool) -> nn.Module:
+                model_args: dict[str, Any], trust_code: bool) -> nn.Module:
     if is_paper_model(spec):
         return build_float_model(spec, pretrained=pretrained, num_classes=num_classes)
     if spec.startswith(TORCHVISION_PREFIX):
@@ -153,10 +202,13 @@ def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channel
         if name not in torchvision.models.list_models(torchvision.models):
             raise ValueError(f"model {spec!r}: torchvision has no classification builder {name!r}; see "
                              "torchvision.models.list_models() (e.g. torchvision:resnet18)")
-        model = torchvision.models.get_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
+        classes = {} if num_classes is None else {"num_classes": num_classes}
+        model = _built(spec, torchvision.models.get_model, name=name, **classes, **model_args)
         if pretrained:
             _load_pretrained(model, name)
         return model
+    if spec.startswith(TIMM_PREFIX):
+        return _timm_model(spec, pretrained, num_classes, in_channels, model_args)
     _check_spec(spec)
     module_name, _, attr = spec.partition(":")
     if not trust_code:
@@ -164,8 +216,8 @@ def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channel
                              f"does not choose code to run: confirm it on the command line (--model {spec}, or "
                              "--trust-model-code), or pass trust_model_code=True")
     if pretrained:
-        raise ValueError(f"model {spec!r}: pretrained weights exist for torchvision builders only; load yours with "
-                         "--weights PATH (weights=)")
+        raise ValueError(f"model {spec!r}: pretrained weights exist for torchvision and timm builders only; load "
+                         "yours with --weights PATH (weights=)")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -176,10 +228,7 @@ def _spec_model(spec: str, pretrained: bool, num_classes: int | None, in_channel
     if not callable(target):
         raise ValueError(f"model {spec!r}: {attr} is not callable; point at a class or function returning an "
                          "nn.Module")
-    model = _call_factory(target, num_classes, in_channels)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model {spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
-    return model
+    return _call_factory(spec, target, num_classes, in_channels, model_args)
 
 
 def load_float_weights(model: nn.Module, path: str | Path) -> None:
@@ -209,8 +258,10 @@ def load_float_weights(model: nn.Module, path: str | Path) -> None:
 def build_model(name: str, config: QuantConfig | None = None, *, pretrained: bool = False,
                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
                 weights: str | Path | None = None, skip: Iterable[str] = (),
-                overrides: Mapping[str, Mapping[str, Any]] | None = None, trust_code: bool = True) -> fx.GraphModule:
-    """The quantized model of spec `name` (see `resolve_float_model`, which `trust_code` goes to) under `config`
+                overrides: Mapping[str, Mapping[str, Any]] | None = None, model_args: Mapping[str, Any] | None = None,
+                trust_code: bool = True) -> fx.GraphModule:
+    """The quantized model of spec `name` (see `resolve_float_model`, which `model_args` and `trust_code` go to)
+    under `config`
     (default QuantConfig()): `prepare` (with `skip`, `overrides`) of its float model, with float `weights` loaded
     first, on a batch-1 example of `input_shape` (C, H, W; default the paper model's own, which sets the MACs;
     required for other specs). Run `calibrate` before training."""
@@ -220,5 +271,5 @@ def build_model(name: str, config: QuantConfig | None = None, *, pretrained: boo
             raise ValueError(f"model {name!r}: pass input_shape=(C, H, W), the shape of one training image")
         input_shape = MODELS[name].input_shape
     model = resolve_float_model(name, pretrained=pretrained, num_classes=num_classes, in_channels=input_shape[0],
-                                weights=weights, trust_code=trust_code)
+                                weights=weights, model_args=model_args, trust_code=trust_code)
     return prepare(model, torch.zeros(1, *input_shape), config, skip=skip, overrides=overrides)

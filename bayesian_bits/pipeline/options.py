@@ -9,7 +9,8 @@ from typing import Any
 
 from bbkernels.ladder import GATED_BITS
 
-from ..experiments import EXPERIMENTS, MODELS, parse_overrides
+from ..experiments import EXPERIMENTS, GRAY_EXPERIMENTS, MODELS, parse_model_args, parse_overrides
+from ..models import TIMM_PREFIX, TORCHVISION_PREFIX
 from ..prepare import FIXED_BITS
 from .errors import UsageError
 from .optim import FINETUNE_LR, FINETUNE_OPTIMIZER, OPTIMIZERS
@@ -47,14 +48,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ref.add_argument(
         "--model", help=f"model spec: {', '.join(MODELS)} (the paper's, each on its experiment; any on "
-        "fashion-mnist and imagefolder), torchvision:<builder> (e.g. torchvision:resnet18) or package.module:callable "
-        "(a class or function returning an nn.Module, imported from the working directory or PYTHONPATH, called "
-        "with num_classes= and in_channels= where it takes them). Required, except with --eval-only"
+        "fashion-mnist and imagefolder), torchvision:<builder> (e.g. torchvision:resnet18), timm:<name> (e.g. "
+        "timm:vit_tiny_patch16_224; pip install 'bayesian-bits[models]') or package.module:callable (a class or "
+        "function returning an nn.Module, imported from the working directory or PYTHONPATH). Builders get "
+        "num_classes= and in_channels= (timm: in_chans=) where they take them. Required, except with --eval-only"
     )
     ref.add_argument("--method", action=_DoesNothing, default="bayesian_bits", choices=["bayesian_bits"],
                      reason="Bayesian Bits is the only method")
-    ref.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights "
-                     "(resnet18, mobilenetv2 and torchvision:<builder>; fetched into the torch hub cache when missing)")
+    ref.add_argument("--pretrained", action="store_true", help="start from the builder's pretrained weights "
+                     "(resnet18, mobilenetv2 and torchvision:<builder>: ImageNet, fetched into the torch hub cache "
+                     "when missing; timm:<name>: timm's default, from the Hugging Face cache or hub)")
     ref.add_argument("--batch-size", type=int, default=64, help="global batch size, train and eval (default 64); "
                      "under torchrun each process takes BATCH_SIZE / WORLD_SIZE")
     ref.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
@@ -75,7 +78,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     user.add_argument("--image-size", type=int, metavar="PIXELS", help="imagefolder: side the images are resized "
                       "and centre-cropped to (default 224)")
     user.add_argument("--channels", type=int, choices=[1, 3], help="imagefolder: read the images as grayscale (1) "
-                      "or RGB (3) (default: as the first training image is)")
+                      "or RGB (3) (default: as the first training image is); mnist, fashion-mnist: 3 repeats the "
+                      "gray channel, for models built for RGB images (default 1)")
+    user.add_argument("--model-args", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="further keywords of the --model builder (integers, numbers, true/false or text), e.g. "
+                      "--model timm:vit_tiny_patch16_224 --model-args img_size=28 patch_size=4")
     user.add_argument("--mean", type=_floats, help="imagefolder: per-channel normalisation mean, comma-separated "
                       "(default: computed on the training images and stored in the checkpoint)")
     user.add_argument("--std", type=_floats, help="imagefolder: per-channel normalisation std (with --mean)")
@@ -302,20 +309,25 @@ def check_model_options(args: argparse.Namespace) -> None:
     """The model-spec and data flags: pretrained weights where they exist, ImageFolder-only flags, overrides."""
     model = args.model
     if args.pretrained and model is not None and model not in ("resnet18", "mobilenetv2") \
-            and not model.startswith("torchvision:"):
-        raise UsageError(f"--pretrained: {model} has no pretrained weights (resnet18, mobilenetv2 and "
-                         "torchvision:<builder> have); drop --pretrained, or load yours with --weights PATH")
+            and not model.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        raise UsageError(f"--pretrained: {model} has no pretrained weights (resnet18, mobilenetv2, "
+                         "torchvision:<builder> and timm:<name> have); drop --pretrained, or load yours with "
+                         "--weights PATH")
     if args.pretrained and args.weights is not None:
         raise UsageError("--pretrained and --weights both give the starting weights; keep one")
     if args.experiment not in (None, "imagefolder"):
-        for flag in ("image_size", "channels", "mean", "std"):
+        for flag in ("image_size", "mean", "std"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} applies to --experiment imagefolder only; drop it")
+        if args.channels is not None and args.experiment not in GRAY_EXPERIMENTS:
+            raise UsageError(f"--channels applies to --experiment imagefolder and {', '.join(GRAY_EXPERIMENTS)} "
+                             f"only ({args.experiment} images are RGB); drop it")
     if (args.mean is None) != (args.std is None):
         raise UsageError("--mean and --std go together; pass both (or neither, to compute them)")
     if args.std is not None and min(args.std) <= 0:
         raise UsageError(f"--std {','.join(map(str, args.std))}: every std must be positive")
     parse_overrides(args.override)
+    parse_model_args(args.model_args)
 
 
 # Options --eval-only takes from the command line; every other one comes from the checkpoint.

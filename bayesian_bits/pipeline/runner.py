@@ -24,10 +24,11 @@ from ..bops import assign_macs, bop_report, format_report
 from ..budget import DEFAULT_MU, BopBudget
 from ..calibration import calibrate, freeze_batch_norm
 from ..errors import CheckpointError, ModelCodeError, NonFiniteError
-from ..experiments import Experiment, check_stored_options, get_experiment, quant_config
+from ..experiments import Experiment, check_stored_options, get_experiment, parse_model_args, quant_config
 from ..finetune import convert_to_fixed
 from ..models import resolve_float_model
 from ..prepare import prepare
+from ..quantizer import quantizers
 from ..regularizer import regularizer
 from . import checkpoint, plots
 from .distributed import DistEnv, all_sum, broadcast_object, gather_objects, setup, teardown
@@ -188,7 +189,8 @@ class Run:
         self.eval_model = torch.compile(self.model) if args.compile else self.model
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(args.seed))
         images = torch.stack([self.train_set[int(i)][0] for i in order[:CALIBRATION_IMAGES]])
-        calibrate(self.model, images.to(self.env.device))
+        if quantizers(self.model):  # none with --no-weight-quant --no-act-quant: the float model
+            calibrate(self.model, images.to(self.env.device))
         if args.static_fold_bn:
             freeze_batch_norm(self.model)
         if args.reg_type == "bop":
@@ -204,6 +206,7 @@ class Run:
             model = resolve_float_model(args.model, pretrained=args.pretrained and starting_weights,
                                         num_classes=args.dataset["num_classes"], in_channels=self.mac_shape[1],
                                         weights=args.weights if starting_weights else None,
+                                        model_args=parse_model_args(args.model_args),
                                         trust_code=self.trust_model_code)
         except ModelCodeError as exc:  # only a spec from --eval-only's checkpoint is not trusted
             raise UsageError(f"--checkpoint {args.checkpoint}: its {exc}") from None
@@ -267,8 +270,8 @@ class Run:
     def wrap(self, with_regularizer: bool) -> nn.Module:
         """The module the loop trains: model + loss terms, DDP-wrapped under torchrun."""
         decayed = [p for _, p in split_parameters(self.model)["weight"]] if self.args.weight_decay else []
-        module = TrainingModule(self.model, regularizer if with_regularizer else None,
-                                decayed if with_regularizer else [])
+        gated = with_regularizer and bool(quantizers(self.model))  # the float model has nothing to regularise
+        module = TrainingModule(self.model, regularizer if gated else None, decayed if with_regularizer else [])
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             module = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)

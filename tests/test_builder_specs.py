@@ -114,3 +114,14 @@ def test_timm_builder_takes_channels_classes_and_model_args() -> None:
     assert vit(torch.rand(2, 1, 28, 28)).shape == (2, 7) and len(vit.blocks) == 1
     with pytest.raises(RuntimeError, match="could not load timm's pretrained resnet18 weights"):
         resolve_float_model("timm:resnet18", pretrained=True)  # no model hub from here
+
+
+def test_float_model_trains_from_the_command_line(tmp_path: Path) -> None:
+    """--no-weight-quant --no-act-quant: the baseline of the same command, with nothing to calibrate or regularise."""
+    assert main(["train", "--experiment", "mnist", "--model", "lenet5quantized", "--synthetic", "32", "--data-dir",
+                 str(tmp_path), "--epochs", "1", "--batch-size", "16", "--n-workers", "0", "--no-weight-quant",
+                 "--no-act-quant", "--logdir", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {row["weight_bits"] for row in summary["layers"]} == {"float"}
+    assert not any(k.endswith("x_max") for k in torch.load(tmp_path / "run" / "epoch_FINAL.pth",
+                                                           weights_only=True)["model"])

@@ -1,9 +1,12 @@
-"""A BOP budget for training (SPEC A9): dual ascent on the regulariser weight μ, then a projection onto the target.
+"""A BOP budget for training (SPEC A9): dual ascent on the regulariser weight μ, switching points that keep the eval
+model on the reference trajectory, then a projection onto the target.
 
     budget = BopBudget.for_training(model, steps_per_epoch=len(loader), epochs=epochs, target_rel_bops=0.5)
     for x, y in loader:                                   # every training step
         loss = cross_entropy(model(x), y) + budget.mu * regularizer(model)
         loss.backward(); optimizer.step(); budget.step()
+        if budget.switch_due:
+            budget.switch([(x, y)])                       # eval model at or under the reference now
     budget.project(batches)                               # at the end of gate training
 
 The rule, its step size and why it is stable: ARCHITECTURE.md, "BOP budgets".
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 from . import bops
 from .gate_bank import banks
 from .graph.dataflow import unwrap
-from .projection import LOW, ProjectionResult, gate_saliency, minimum_bops, project_model
+from .projection import LOW, SLACK, ProjectionResult, eval_total, gate_saliency, minimum_bops, project_model
 
 DEFAULT_MU = 0.1  # initial μ when none is given: the reference README's MNIST --gating-lambda
 MU_RANGE = (1e-6, 1e3)  # μ is kept inside: a guard against wind-up while the gates cannot follow
@@ -32,6 +35,7 @@ VELOCITY_SMOOTHING = 0.02  # weight of the newest step in the running mean of d 
 RATE_PER_EPOCH = 1.0  # `for_training`: the most log μ rises in one epoch (clipped violation, every gate responsive)
 RAMP_FRACTION = 0.5  # `for_training`: the reference reaches the target after this share of the steps
 HORIZON_EPOCHS = 2.0  # `for_training`: how far ahead the violation is predicted
+SWITCHES_PER_RAMP = 8  # `for_training`: switching points along the ramp at least (else one per epoch)
 
 
 class BopBudget:
@@ -45,6 +49,9 @@ class BopBudget:
     over `ramp_steps` (0: the target from the start). μ is a 0-dim tensor on the model's device, computed from the
     gate logits only, so it is identical on every DDP process and never synchronises with the host. Constructing it
     makes the regulariser BOP-weighted (`assign_macs`).
+
+    Every `switch_steps` steps (0: never) is a switching point (`switch_due`): `switch` cuts the eval model to the
+    reference, so the network trains under the switches it has lost and the final `project` only trims.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class BopBudget:
         step_size: float = 1e-3,
         ramp_steps: int = 0,
         horizon_steps: int = 0,
+        switch_steps: int = 0,
     ) -> None:
         if (target_rel_bops is None) == (target_gbops is None):
             raise ValueError("BopBudget needs exactly one of target_rel_bops (percent of W32A32) and target_gbops")
@@ -73,6 +81,8 @@ class BopBudget:
             raise ValueError(f"BopBudget: ramp_steps must be at least 0, got {ramp_steps}")
         if horizon_steps < 0:
             raise ValueError(f"BopBudget: horizon_steps must be at least 0, got {horizon_steps}")
+        if switch_steps < 0:
+            raise ValueError(f"BopBudget: switch_steps must be at least 0 (0: no switching points), got {switch_steps}")
         self.model = unwrap(model)
         self._banks = banks(self.model)
         bops.assign_macs(self.model)
@@ -87,6 +97,7 @@ class BopBudget:
         self.step_size = float(step_size)
         self.ramp_steps = int(ramp_steps)
         self.horizon_steps = int(horizon_steps)
+        self.switch_steps = int(switch_steps)
         self.steps = 0
         expected = bops.expected_bops(self.model).detach()
         self.start_bops = float(expected)
@@ -98,12 +109,15 @@ class BopBudget:
     def for_training(cls, model: nn.Module, *, steps_per_epoch: int, epochs: int, mu: float = DEFAULT_MU,
                      target_rel_bops: float | None = None, target_gbops: float | None = None) -> BopBudget:
         """The budget the training pipeline uses: log μ rises at most RATE_PER_EPOCH per epoch, the violation is
-        predicted HORIZON_EPOCHS ahead, and the reference ramps to the target over the first RAMP_FRACTION of the
-        `epochs` × `steps_per_epoch` steps."""
+        predicted HORIZON_EPOCHS ahead, the reference ramps to the target over the first RAMP_FRACTION of the
+        `epochs` × `steps_per_epoch` steps, and a switching point comes every epoch, or more often in short runs, so
+        that the ramp has SWITCHES_PER_RAMP of them."""
+        steps_per_epoch = max(steps_per_epoch, 1)
+        ramp = int(RAMP_FRACTION * epochs * steps_per_epoch)
         return cls(model, target_rel_bops=target_rel_bops, target_gbops=target_gbops, mu=mu,
-                   step_size=RATE_PER_EPOCH / max(steps_per_epoch, 1),
-                   ramp_steps=int(RAMP_FRACTION * epochs * steps_per_epoch),
-                   horizon_steps=int(HORIZON_EPOCHS * steps_per_epoch))
+                   step_size=RATE_PER_EPOCH / steps_per_epoch, ramp_steps=ramp,
+                   horizon_steps=int(HORIZON_EPOCHS * steps_per_epoch),
+                   switch_steps=max(1, min(steps_per_epoch, ramp // SWITCHES_PER_RAMP)))
 
     @property
     def target_rel_bops(self) -> float:
@@ -159,6 +173,25 @@ class BopBudget:
                 "eval_rel_bops": bops.bop_report(self.model)["relative_bops"],
                 "mu": float(self.mu)}
 
+    @property
+    def switch_due(self) -> bool:
+        """Whether the last `step` ended at a switching point, where `switch` belongs."""
+        return self.switch_steps > 0 and self.steps % self.switch_steps == 0
+
+    def switch(
+        self,
+        batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        reduce: Callable[[list[float]], list[float]] | None = None,
+    ) -> ProjectionResult:
+        """A switching point: switch eval bit levels and channels off, least estimated loss per BOP first, until the
+        eval model is at or under the reference now (`reference()`); nothing is switched back on (`project` does
+        that at the end). Arguments as `project`'s; the loss estimates are computed only when a cut is needed."""
+        now, total = self.reference(), eval_total(self.model)
+        if total <= now * (1.0 - SLACK):
+            return ProjectionResult(total, total)
+        return self._project(now, batches, loss_fn, reduce, low=0.0)
+
     def project(
         self,
         batches: Iterable[tuple[Tensor, Tensor]] | None = None,
@@ -170,12 +203,16 @@ class BopBudget:
         `projection.project`), ranking switches by their saliency on `batches` (re-iterated at every stage; a
         one-shot iterator is kept as a list; None: by BOPs alone). `reduce` sums a list of floats over DDP
         processes so every process switches the same gates."""
+        return self._project(self.target_bops, batches, loss_fn, reduce, low)
+
+    def _project(self, target: float, batches: Iterable[tuple[Tensor, Tensor]] | None,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 reduce: Callable[[list[float]], list[float]] | None, low: float) -> ProjectionResult:
         if batches is None:
-            return project_model(self.model, self.target_bops, None, low)
+            return project_model(self.model, target, None, low)
         if iter(batches) is batches:
             batches = list(batches)
-        return project_model(self.model, self.target_bops,
-                             lambda: gate_saliency(self.model, batches, loss_fn, reduce), low)
+        return project_model(self.model, target, lambda: gate_saliency(self.model, batches, loss_fn, reduce), low)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: μ, the step count, the ramp's start and the trend of E[BOPs]."""

@@ -270,12 +270,59 @@ def test_budget_ramp_state_and_bounds() -> None:
     ({"target_rel_bops": 1.0, "step_size": 0.0}, "step_size"),
     ({"target_rel_bops": 1.0, "ramp_steps": -1}, "ramp_steps"),
     ({"target_rel_bops": 1.0, "horizon_steps": -1}, "horizon_steps"),
+    ({"target_rel_bops": 1.0, "switch_steps": -1}, "switch_steps"),
     ({"target_rel_bops": 1e-6}, "below the smallest model"),
 ])
 def test_budget_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     model = model_with_random_gates("lenet5quantized", seed=8)
     with pytest.raises(ValueError, match=message):
         BopBudget(model, **kwargs)
+
+
+def test_switching_points_keep_the_eval_model_on_the_reference() -> None:
+    model = model_with_random_gates("lenet5quantized", seed=9, level_range=(5.0, 6.0))
+    budget = BopBudget(model, target_rel_bops=0.5, ramp_steps=8, switch_steps=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    cuts = 0
+    for _ in range(12):
+        x, y = torch.rand(SHAPES["lenet5quantized"], generator=gen), torch.randint(0, 10, (2,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x), y) + budget.mu * bb.regularizer(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        budget.step()
+        assert budget.switch_due == (budget.steps % 2 == 0)
+        if budget.switch_due:
+            result = budget.switch([(x, y)])
+            cuts += bool(result.switched_off)
+            assert not result.switched_on
+            assert bops.baseline_bops(model) * bb.bop_report(model)["relative_bops"] / 100 <= budget.reference()
+    assert cuts >= 3  # the reference falls from about 6 % to 0.5 % over 8 steps: the gates alone do not follow
+    budget.project([(x, y)])
+    assert bb.bop_report(model)["relative_bops"] <= 0.5
+
+
+def test_switching_points_leave_skipped_and_fixed_quantizers_alone() -> None:
+    torch.manual_seed(0)
+    config = bb.QuantConfig(6, 6, 6, -6, include_pruning=True, reg_type="bop")
+    model = bb.build_model("lenet5quantized", config, skip=["features.0"],
+                           overrides={"classifier.0": {"weight_bits": 8}})
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    bb.calibrate(model, x[:2])
+    fixed = {n: q for n, q in bb.quantizers(model) if q.mode is bb.Mode.FIXED}
+    assert set(fixed) == {"classifier.0.weight_quantizer"}
+    before = {n: q.gammas.detach().clone() for n, q in fixed.items()}
+    budget = BopBudget(model, target_rel_bops=3.0, ramp_steps=2, switch_steps=1)
+    for _ in range(2):
+        budget.step()
+        budget.switch([(x, y)])
+    switched = {s.quantizer for s in budget.project([(x, y)]).switched_off}
+    assert all(torch.equal(q.gammas, before[n]) for n, q in fixed.items())
+    assert not any(n.startswith("features.0.") for n, _ in bb.quantizers(model))  # skipped: no quantizer at all
+    assert not switched & set(fixed)
+    rows = {r["name"]: r for r in bb.bop_report(model)["layers"]}
+    assert rows["classifier.0"]["weight_bits"] == 8 and rows["features.0"]["weight_bits"] == "float"
 
 
 SMOKE = ["--experiment", "mnist", "--model", "lenet5quantized", "--synthetic", "32", "--batch-size", "8",
@@ -293,11 +340,19 @@ def test_a_short_run_with_a_target_ends_within_the_band(tmp_path: Path, finetune
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["target_rel_bops"] == pytest.approx(1.0)
     assert 0.9 <= summary["relative_bops"] <= 1.0
-    assert summary["projection"]["before_rel_bops"] == pytest.approx(6.25) and summary["projection"]["switched_off"]
-    records = [r for r in read_metrics(logdir) if r["phase"] == "train"]
-    assert len(records) == 2 and all(r["target_rel_bops"] == pytest.approx(1.0) for r in records)
-    assert records[1]["mu"] > records[0]["mu"] > 0.1  # over the target: μ rises
-    assert all(r["expected_rel_bops"] > 1.0 and r["eval_rel_bops"] == pytest.approx(6.25) for r in records)
+    records = read_metrics(logdir)
+    trained = [r for r in records if r["phase"] == "train"]
+    switches = [r for r in records if r["phase"] == "switch"]
+    assert len(trained) == 2 and all(r["target_rel_bops"] == pytest.approx(1.0) for r in trained)
+    # μ rises while E[BOPs] is over the reference, and falls once the cuts have taken E[BOPs] under it
+    assert trained[0]["mu"] > 0.1 > trained[1]["mu"]
+    # a switching point after every step (4 steps, the ramp over the first 2): the eval model on the reference
+    assert [r["epoch"] for r in switches] == [0.5, 1.0, 1.5, 2.0]
+    assert switches[0]["before_rel_bops"] == pytest.approx(6.25) and switches[0]["switched_off"]
+    assert switches[0]["reference_rel_bops"] == pytest.approx(2.5, rel=1e-2)  # E[BOPs] 6.23 × (1 / 6.23)^(1/2)
+    assert all(r["after_rel_bops"] <= r["reference_rel_bops"] for r in switches)
+    assert all(r["expected_rel_bops"] > 1.0 and r["eval_rel_bops"] <= 1.0 for r in trained)
+    assert summary["projection"]["before_rel_bops"] <= 1.0
     assert (logdir / "budget.png").is_file()
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from bayesian_bits.data import load_data
 from bayesian_bits.experiments import EXPERIMENTS
 from bayesian_bits.export import load_eval_model, load_pruned
 from bayesian_bits.models import resolve_float_model
-from bayesian_bits.pipeline import runner
+from tests.interrupt import interrupted_in_epoch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VIT = ["--model", "timm:vit_tiny_patch16_224", "--model-args", "img_size=28", "patch_size=4", "embed_dim=32",
@@ -48,18 +47,8 @@ def _train(data_dir: Path, logdir: Path, *flags: str, status: int = 0) -> dict |
 def test_timm_vit_on_rgb_fashion_mnist_resumes_evaluates_and_exports(data_dir: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("timm")
-    calls = []
-    real = runner.train_epoch
-
-    def cut_after_one(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     run = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "train_epoch", cut_after_one)
+    with interrupted_in_epoch(monkeypatch):
         _train(data_dir, run, *VIT, "--channels", "3", status=130)  # interrupted after epoch 1
     options = torch.load(run / "last.pth", weights_only=True)["options"]
     assert options["model_args"] == VIT[3:] and options["dataset"]["channels"] == 3

@@ -31,6 +31,7 @@ from bayesian_bits.pipeline import loop, runner
 from bayesian_bits.pipeline.distributed import DistEnv
 from bayesian_bits.pipeline.metrics import read_metrics
 from bayesian_bits.pipeline.rundir import open_run_dir
+from tests.interrupt import interrupted_in_epoch
 from tests.test_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,10 +212,12 @@ def test_run_folders_never_mix(run: Path, tmp_path: Path, capsys: pytest.Capture
     assert train(tmp_path, "--epochs", "1", "--max-batches", "1", "--logdir", str(logdir)) == 0
     assert train(tmp_path, "--epochs", "1", "--max-batches", "1", "--logdir", str(logdir)) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert train(tmp_path, "--epochs", "2", "--max-batches", "1", "--logdir", str(logdir), "--overwrite") == 0
-    assert [r["index"] for r in read_metrics(logdir)] == [1, 2]
+    assert train(tmp_path, "--epochs", "2", "--max-batches", "1", "--logdir", str(logdir), "--overwrite",
+                 "--target-rel-bops", "3") == 0
+    assert [r["index"] for r in read_metrics(logdir) if r["phase"] == "train"] == [1, 2]
     assert (logdir / "log").read_text().count("Done in") == 1
     assert json.loads((logdir / "summary.json").read_text())["epochs"] == 2
+    assert (logdir / "budget.png").is_file()  # a budget run's plot, replaced by the next --overwrite like the rest
     (logdir / "notes.txt").write_text("mine")
     assert train(tmp_path, "--epochs", "1", "--max-batches", "1", "--logdir", str(logdir), "--overwrite") == 2
     assert "not run outputs (notes.txt)" in capsys.readouterr().err and (logdir / "notes.txt").exists()
@@ -277,17 +280,8 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    real, calls = runner.train_epoch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     logdir = tmp_path / "torn"
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "train_epoch", interrupted)
+    with interrupted_in_epoch(monkeypatch):
         assert train(tmp_path, "--epochs", "2", "--max-batches", "1", "--logdir", str(logdir)) == 130
     with open(logdir / "metrics.jsonl", "a") as fh:
         fh.write('{"index": 2, "phase": "tr')  # power lost mid-line

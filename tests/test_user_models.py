@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from bayesian_bits.cli import main
 from bayesian_bits.data import load_data
 from bayesian_bits.experiments import EXPERIMENTS
 from bayesian_bits.export import load_eval_model, onnxruntime_session
-from bayesian_bits.pipeline import runner
+from tests.interrupt import interrupted_in_epoch
 from tests.zoo import small_cnn_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -125,17 +124,7 @@ def test_eval_only_names_every_conflicting_flag(digits: Path, tmp_path: Path, ca
 def test_resume_rebuilds_the_model_and_reuses_the_stored_normalisation(
         digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     flags = ["--model", "tests.zoo:small_cnn_for", "--epochs", "2"]
-    calls = []
-    real = runner.train_epoch
-
-    def cut_after_one(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "train_epoch", cut_after_one)
+    with interrupted_in_epoch(monkeypatch):
         _train(digits, tmp_path / "run", *flags, status=130)  # interrupted after epoch 1
     stored = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["options"]["dataset"]
     monkeypatch.setattr(data, "channel_stats", lambda *a, **k: pytest.fail("mean/std recomputed on resume"))

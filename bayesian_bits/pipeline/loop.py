@@ -48,8 +48,8 @@ class TrainingModule(nn.Module):
 
 @dataclass
 class StepSettings:
-    """How an iteration is run: λ (or a BOP budget's μ, updated after every step), the weight-decay factor,
-    autocast dtype, optional fp16 grad scaler."""
+    """How an iteration is run: λ (or a BOP budget's μ, updated after every step, and what its switching points
+    do), the weight-decay factor, autocast dtype, optional fp16 grad scaler."""
 
     gating_lambda: float
     weight_decay: float
@@ -57,6 +57,7 @@ class StepSettings:
     scaler: torch.amp.GradScaler | None
     max_batches: int | None
     budget: BopBudget | None = None
+    switch: Callable[[], None] | None = None  # called at the budget's switching points
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -126,6 +127,8 @@ def train_epoch(
             check_finite_step(module, params, (loss, ce, reg, l2), settings, f"{desc} iteration {i + 1}/{total}")
             if settings.budget is not None:
                 settings.budget.step()
+                if settings.budget.switch_due and settings.switch is not None:
+                    settings.switch()
             for sched in step_schedulers:
                 sched.step()
             n = y.shape[0]

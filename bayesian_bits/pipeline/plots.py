@@ -112,8 +112,11 @@ def _save(fig: Figure, path: Path) -> None:
 
 def plot_budget(records: Sequence[dict[str, Any]], path: Path, title: str, final_rel_bops: float) -> None:
     """A BOP-budgeted run per training epoch: expected and eval relative BOPs (log) against the target band
-    [0.9, 1] x target, μ on the right axis (log); the final model (after the projection) as a star."""
+    [0.9, 1] x target, the reference trajectory at the switching points and the cuts made there, μ on the right
+    axis (log); the final model (after the projection) as a star."""
     trained = [r for r in records if r.get("mu") is not None]
+    switches = [r for r in records if r.get("phase") == "switch"]
+    cuts = [r for r in switches if r["switched_off"]]
     xs = [r["index"] for r in trained]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
@@ -122,6 +125,14 @@ def plot_budget(records: Sequence[dict[str, Any]], path: Path, title: str, final
         ax.axhspan(0.9 * target, target, color="k", alpha=0.12, label=f"target band [0.9, 1] x {target:g} %")
     ax.plot(xs, [r["expected_rel_bops"] for r in trained], "C0o-", label="expected (gate probabilities)")
     ax.plot(xs, [r["eval_rel_bops"] for r in trained], "C1s--", label="eval model")
+    if switches:
+        ax.plot([r["epoch"] for r in switches], [r["reference_rel_bops"] for r in switches], "k:", lw=1,
+                label="reference trajectory")
+    if cuts:
+        ax.vlines([r["epoch"] for r in cuts], [r["after_rel_bops"] for r in cuts],
+                  [r["before_rel_bops"] for r in cuts], colors="C3", lw=1)
+        ax.plot([r["epoch"] for r in cuts], [r["after_rel_bops"] for r in cuts], "C3v", markersize=4,
+                label=f"eval model cut at a switching point ({len(cuts)})")
     if xs:
         ax.plot([xs[-1]], [final_rel_bops], "C3*", markersize=14, label="final model (projected)")
     ax.set_yscale("log")

@@ -14,10 +14,10 @@ from pathlib import Path
 from ..checkpoint_io import TEMP_SUFFIX, file_mode, temp_files
 from .errors import UsageError
 from .metrics import LOG_FILE, METRICS_FILE, SUMMARY_FILE
-from .plots import BITS_PNG, CURVES_PNG
+from .plots import BITS_PNG, BUDGET_PNG, CURVES_PNG
 
 LOCK_FILE = ".lock"
-RUN_FILES = (LOG_FILE, METRICS_FILE, SUMMARY_FILE, BITS_PNG, CURVES_PNG)
+RUN_FILES = (LOG_FILE, METRICS_FILE, SUMMARY_FILE, BITS_PNG, CURVES_PNG, BUDGET_PNG)
 
 
 def is_run_output(path: Path) -> bool:

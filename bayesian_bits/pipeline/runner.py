@@ -9,6 +9,7 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -224,12 +225,17 @@ class Run:
                              f"({' '.join(str(exc).split())[:400]}); see --skip/--override, or the README's "
                              "'Bring your own model'") from None
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training steps per epoch (--max-batches caps them)."""
+        return len(self.train_loader) if self.max_batches is None else min(len(self.train_loader), self.max_batches)
+
     def build_budget(self) -> BopBudget | None:
         """The budget of --target-rel-bops / --target-gbops (μ starts at --gating-lambda, 0 meaning 0.1), or None."""
         args = self.args
         if args.target_rel_bops is None and args.target_gbops is None:
             return None
-        steps = len(self.train_loader) if self.max_batches is None else min(len(self.train_loader), self.max_batches)
+        steps = self.steps_per_epoch
         flag = "--target-rel-bops" if args.target_rel_bops is not None else "--target-gbops"
         try:
             return BopBudget.for_training(self.model, steps_per_epoch=steps, epochs=args.epochs,
@@ -238,11 +244,28 @@ class Run:
         except ValueError as exc:
             raise UsageError(f"{flag}: {exc}") from None
 
+    def probe_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches whose gate gradients rank a projection's switches (drawn only when consumed)."""
+        yield from itertools.islice(self.train_loader, PROBE_BATCHES)
+
+    def switch_onto_reference(self) -> None:
+        """A switching point of the budget: the eval model cut to the reference trajectory; a metrics record (phase
+        "switch", in the epoch in progress, at fractional `epoch`), and a log line when anything was switched off."""
+        result = self.budget.switch(self.probe_batches(), reduce=lambda values: all_sum(self.env, values))
+        base = self.budget.baseline / 100.0
+        record = {"index": self.index + 1, "phase": "switch", "epoch": self.budget.steps / self.steps_per_epoch,
+                  "reference_rel_bops": self.budget.reference() / base, "before_rel_bops": result.before / base,
+                  "after_rel_bops": result.after / base, "switched_off": len(result.switched_off)}
+        if result.changed:
+            self.log.line(f"switching point at epoch {record['epoch']:.3g}: eval {record['before_rel_bops']:.4g} % -> "
+                          f"{record['after_rel_bops']:.4g} % BOPs (reference {record['reference_rel_bops']:.4g} %, "
+                          f"{record['switched_off']} gates switched off)", echo=False)
+        self.log.metrics(record)
+
     def project_onto_budget(self) -> None:
         """End of gate training: switch gates until the eval model is in the budget's band (SPEC A9); without
         fine-tuning, evaluate the projected model (the final one)."""
-        batches = itertools.islice(iter(self.train_loader), PROBE_BATCHES)
-        result = self.budget.project(batches, reduce=lambda values: all_sum(self.env, values))
+        result = self.budget.project(self.probe_batches(), reduce=lambda values: all_sum(self.env, values))
         base = self.budget.baseline / 100.0
         self.projection = {"before_rel_bops": result.before / base, "after_rel_bops": result.after / base,
                            "switched_off": len(result.switched_off), "switched_on": len(result.switched_on)}
@@ -372,10 +395,11 @@ class Run:
     # ----- phases -------------------------------------------------------------------------------------------
     def run_phase(self, phase: Phase, module: nn.Module, pre_ft_model: dict[str, Any] | None) -> None:
         args = self.args
+        budget = self.budget if phase.name == "train" else None
         settings = StepSettings(args.gating_lambda if phase.name == "train" else 0.0,
                                 args.weight_decay if phase.name == "train" else 0.0,
-                                self.amp_dtype, self.scaler, self.max_batches,
-                                self.budget if phase.name == "train" else None)
+                                self.amp_dtype, self.scaler, self.max_batches, budget,
+                                None if budget is None else self.switch_onto_reference)
         while phase.done < phase.epochs:
             epoch = phase.done
             self.train_loader.sampler.set_epoch(self.index)
@@ -489,8 +513,7 @@ class Run:
                 self.project_onto_budget()
 
         if args.fixed_gate_finetune_epochs > 0:
-            steps = len(self.train_loader) if self.max_batches is None else min(len(self.train_loader),
-                                                                                 self.max_batches)
+            steps = self.steps_per_epoch
             if ckpt is not None and ckpt["phase"] == "finetune":
                 pre_ft_model = ckpt["pre_ft_model"]
                 phase = self.finetune_phase(steps)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import QuantConfig
 from .errors import UsageError
+from .models import SPEC_FORMS
 from .prepare import FIXED_BITS
 
 
@@ -57,9 +58,7 @@ def get_experiment(name: str, model: str) -> Experiment:
         raise UsageError(f"--experiment {name!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[name]
     if model not in MODELS and ":" not in model:
-        raise UsageError(f"--model {model!r} is unknown; choose one of: {', '.join(MODELS)}, torchvision:<builder> "
-                         "(e.g. torchvision:resnet18), timm:<name> (e.g. timm:resnet18) or package.module:callable "
-                         "(your own nn.Module)")
+        raise UsageError(f"--model {model!r} is unknown; choose one of: {', '.join(MODELS)}, {SPEC_FORMS}")
     if model in MODELS and not exp.any_model and model not in exp.models:
         raise UsageError(
             f"--model {model} does not fit --experiment {name} "

@@ -36,10 +36,10 @@ def track(x_max: Tensor) -> None:
 
 def held_ranges(optimizer: Optimizer) -> list[Tensor]:
     """The learned ranges among `optimizer`'s parameters (rescanned when its parameter count changes)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    count = sum(len(group["params"]) for group in optimizer.param_groups)  # every step: no list of them built
     held = _HELD.get(optimizer)
-    if held is None or held[0] != len(params):
-        held = (len(params), [p for p in params if p in _RANGES])
+    if held is None or held[0] != count:
+        held = (count, [p for group in optimizer.param_groups for p in group["params"] if p in _RANGES])
         _HELD[optimizer] = held
     return held[1]
 

@@ -89,6 +89,26 @@ class _Quantizer(nn.Module):
         super().__setstate__(state)
         ranges.track(self.x_max)
 
+    def _eval_key(self) -> tuple:
+        """What the eval grid depends on: the range and its sign (a gated quantizer adds its gate logits)."""
+        return self.x_max.data_ptr(), self.x_max._version, self._signed
+
+    def _deployed(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Eval: the deployed arithmetic at the eval bit width (bbkernels/deployed.py; what every export computes),
+        times the channel `mask`. The grid is read to the host once per change of range or gates."""
+        key, cached = self._eval_key(), self.__dict__.get("_eval_grid")
+        if cached is None or cached[0] != key:
+            bits = self.bit_width()
+            grid = None if bits is None else bbkernels.grid(float(self.x_max.detach()), bits, self._signed)
+            cached = self.__dict__["_eval_grid"] = (key, grid)
+        if cached[1] is None:
+            return self._fixed_or_float(x, None, mask)
+        return bbkernels.deployed_quantize(x, cached[1], mask)
+
+    def _deploys(self) -> bool:
+        """Whether this forward computes the deployed arithmetic: in eval mode, outside torch.compile tracing."""
+        return not self.training and not torch.compiler.is_compiling()
+
     def _fixed_or_float(self, x: Tensor, bits: int | None, mask: Tensor | None) -> Tensor:
         """FIXED at `bits` (None: FLOAT), times the channel `mask` (0/1 or gates) when given."""
         if bits is None:
@@ -189,6 +209,11 @@ class BayesianBitsQuantizer(_Quantizer):
         super()._sync()
         self._initialized = bool(self.initialized)
 
+    def _eval_key(self) -> tuple:
+        bank = self.bank
+        return (*super()._eval_key(), self.row, bank.gamma_logits.data_ptr(), bank.gamma_logits._version,
+                bank.alive.data_ptr(), bank.alive._version)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.bank.load_legacy_row(self.row, state_dict, prefix)  # a checkpoint from before the gate bank
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -265,6 +290,9 @@ class BayesianBitsQuantizer(_Quantizer):
             )
         levels, g2 = self.bank.row_gates(self.row)
         channels = g2 if self.prune_only or self.mode is Mode.GATED else None
+        # Gates that collect gradients in eval mode (the projection's saliency probe) need the residual chain.
+        if channel_scale is None and self._deploys() and not (levels.requires_grad and torch.is_grad_enabled()):
+            return self._deployed(x, channels)
         if channel_scale is not None:
             channels = channel_scale if channels is None else channels * channel_scale
         if self.mode is Mode.GATED:
@@ -331,6 +359,8 @@ class FixedQuantizer(_Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_float(x, type(self).__name__)
+        if self._deploys():
+            return self._deployed(self._absorbed(x), self.mask)
         return self._fixed_or_float(self._absorbed(x), self._bits, self.mask)
 
     def bit_width(self) -> int | None:

@@ -348,3 +348,24 @@ def backward(
         _backward_kernel[(tiles,)](grad, x, dx, part, *pointers, *sizes, **meta)
         _finish_kernel[(1,)](part, dxm, dgates, dg2, channels, tiles_per_channel, CB=cb, TB=tb, num_warps=4)
     return dx, dxm, dgates, dg2
+
+
+@triton.jit
+def _qdq_kernel(x_ptr, y_ptr, n, scale, lo, hi, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """The deployed quantizer (bbkernels/deployed.py): y = s·rint(clamp(x, lo, hi)/s) in fp32; NaN stays NaN."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    x = tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+    y = scale * _rint(tl.math.div_rn(x, scale), INTERPRET)
+    tl.store(y_ptr + offs, _to_output(y, y_ptr, INTERPRET), mask=mask)
+
+
+def qdq(x: Tensor, scale: float, lo: float, hi: float) -> Tensor:
+    """`bbkernels::qdq` in one kernel launch."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    block = 1024
+    _qdq_kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), scale, lo, hi, BLOCK=block,
+                                                  INTERPRET=INTERPRETED, enable_fp_fusion=False)
+    return y

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bayesian_bits as bb
@@ -52,3 +56,73 @@ def assert_agrees(got: torch.Tensor, ref: torch.Tensor) -> None:
     close = (got - ref).abs().amax(1) <= 1e-2 * float(ref.abs().max())
     assert float(close.float().mean()) >= 0.25, f"{int(close.sum())} of {len(close)} samples agree to 1 %"
     assert float((got.argmax(1) == ref.argmax(1)).float().mean()) >= 0.75
+
+
+class _QdqCalls(TorchDispatchMode):
+    """Records every deployed quantizer call (``bbkernels::qdq``): its input, step and output, in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, float, torch.Tensor]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.bbkernels.qdq.default:
+            self.calls.append((args[0].clone(), args[1], out.clone()))  # the model may change them in place
+        return out
+
+
+def _quantizer_outputs(proto: object) -> tuple[object, list[str]]:
+    """A copy of an ONNX graph that also outputs every activation QuantizeLinear → DequantizeLinear, and their names
+    in graph order."""
+    import onnx
+
+    probe = copy.deepcopy(proto)
+    quantized = {n.output[0] for n in probe.graph.node if n.op_type == "QuantizeLinear"}
+    names = [n.output[0] for n in probe.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return probe, names
+
+
+def assert_deploys(forward: Callable[[torch.Tensor], torch.Tensor], proto: object, x: torch.Tensor) -> None:
+    """The ONNX graph in a default onnxruntime session computes ``forward`` (the pruned PyTorch model, logits) on
+    ``x``: logits within 1e-5 of max |logit| and the same predictions, unless onnxruntime's kernels (their summation
+    order, exp, erf) put an activation on the other side of a rounding tie, which the layers after it spread. Then the
+    first quantizer whose outputs differ must differ only there: by one grid step, at elements that PyTorch's input
+    puts within 1e-3 steps of a tie (a wrong graph differs by more, or at many elements)."""
+    from bayesian_bits.export.onnx import onnxruntime_session
+
+    with torch.no_grad(), _QdqCalls() as recorded:
+        ref = forward(x)
+    got = torch.from_numpy(onnxruntime_session(proto).run(None, {"input": x.numpy()})[0])
+    assert got.shape == ref.shape
+    scale = max(float(ref.abs().max()), 1e-30)
+    if float((got - ref).abs().max()) <= 1e-5 * scale and torch.equal(got.argmax(-1), ref.argmax(-1)):
+        return
+    probe, names = _quantizer_outputs(proto)
+    probed = onnxruntime_session(probe).run(None, {"input": x.numpy()})
+    assert torch.equal(torch.from_numpy(probed[0]), got)  # the probe outputs change nothing
+    assert len(names) == len(recorded.calls), "the graph's quantizers are not the model's"
+    for (inputs, step, expected), value in zip(recorded.calls, probed[1:], strict=True):
+        value = torch.from_numpy(value)
+        assert value.shape == expected.shape
+        differ = value != expected
+        if bool(differ.any()):
+            assert int(differ.sum()) <= max(2, expected.numel() // 1000), f"{int(differ.sum())} elements differ"
+            assert float((value - expected)[differ].abs().max()) <= 1.001 * step
+            position = (inputs[differ] / step).double()
+            assert float(((position - position.floor()) - 0.5).abs().max()) < 1e-3, "a difference away from a tie"
+            return
+    raise AssertionError(f"every quantizer agrees, yet the logits differ by {float((got - ref).abs().max()):.3g}")
+
+
+def assert_onnx_deploys(model: nn.Module, x: torch.Tensor) -> None:
+    """`assert_deploys` for the ONNX export of a prepared ``model`` (eval mode from here), on 8 inputs like ``x``."""
+    from bayesian_bits.export import loaded_model, onnx_model
+    from tests.attention_zoo import VOCAB, logits
+
+    pruned, proto = onnx_model(loaded_model(model.eval()))
+    gen = torch.Generator().manual_seed(5)
+    xs = torch.rand(8, *x.shape[1:], generator=gen) if x.is_floating_point() else \
+        torch.randint(0, VOCAB, (8, *x.shape[1:]), generator=gen)
+    assert_deploys(lambda t: logits(pruned(t)), proto, xs)

@@ -4,7 +4,9 @@
 bit widths, expected bits and keep shares, the regulariser, expected and eval BOPs, the budget's responsive share,
 the gradients of the regulariser and of a training loss (deterministic 'fixed' gates, BN frozen) with respect to every
 gate logit and range, and the model's outputs. `python -m tests.gate_pins` rewrote tests/data/gate_pins.json from the
-code before the gate bank (commit it once; test_gate_bank.py compares the bank against it).
+code before the gate bank (commit it once; test_gate_bank.py compares the bank against it). The eval outputs
+("eval_logits") were pinned again when evaluation moved to the deployed arithmetic (issue 24: one grid step instead
+of the summed residual levels, the clip alone at 32 bits).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 quantizers, the dataflow (MACs and where every input slice comes from), BOPs at init and the eval outputs.
 
 `python -m tests.prepare_pins` wrote tests/data/prepare_pins.json with the torch.fx capture (commit f11803f; run
-now, it would pin the torch.export capture instead); test_prepare.py compares the current `prepare` against it.
+now, it would pin the torch.export capture instead); test_prepare.py compares the current `prepare` against it. The
+eval outputs ("logits", "logits_abs") were pinned again when evaluation moved to the deployed arithmetic (issue 24:
+one grid step instead of the summed residual levels; outputs differ where an activation sits at a rounding tie).
 """
 
 from __future__ import annotations

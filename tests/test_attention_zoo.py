@@ -1,7 +1,8 @@
 """`prepare` on attention models: torchvision, timm and Hugging Face transformers and custom attention blocks.
 
 Each is prepared, calibrated and trained three steps; every conv, linear and matmul (both of attention's) is a
-quantized row of the BOP report whose MACs add up to torch's flop counter; the pruned export equals the eval model.
+quantized row of the BOP report whose MACs add up to torch's flop counter; the pruned export equals the eval model,
+and its ONNX graph in a default onnxruntime session computes the pruned model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import bayesian_bits as bb
 from bayesian_bits.export import export_model, load_pruned
 from bayesian_bits.layers import QuantLayer
 from tests.attention_zoo import ZOO, build, logits
-from tests.checks import ZOO_CONFIG, flop_counter_macs, full_precision, randomize_gates
+from tests.checks import ZOO_CONFIG, assert_onnx_deploys, flop_counter_macs, full_precision, randomize_gates
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
@@ -64,6 +65,7 @@ def test_attention_model_trains_counts_and_exports(name, tmp_path, one_thread):
     # quantized, a changed summation order moves an activation at a rounding tie one grid step, which the next
     # attention spreads over the whole sample: tests/test_prepare.py checks that case on the CNN zoo.)
     randomize_gates(model)
+    assert_onnx_deploys(model, x)
     full_precision(model)
     out, ref = pruned_and_eval(model, float_model, x, tmp_path)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayesian_bits.config import QuantConfig
-from bayesian_bits.export import onnx_qdq, packed, quant
+from bayesian_bits.export import packed, quant
 from bayesian_bits.pipeline import options
 from bayesian_bits.quantizer import LEVEL_BITS, LEVEL_NAMES, BayesianBitsQuantizer
 from bbkernels import ladder, reference
@@ -94,13 +94,13 @@ def test_config_and_flags_cover_the_gated_levels():
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_export_encodings_follow_the_ladder(signed):
-    assert quant.LEVEL_BITS == ladder.GATED_BITS
     assert packed.PACKED_BITS == ladder.BITS[:-1]
-    assert onnx_qdq.SHRINK == ladder.SHRINK
-    assert {b for (s, b) in onnx_qdq.STORAGE if s == signed} == set(ladder.BITS[:-1])
     steps = reference.scales(torch.tensor(5.0), signed)
     for k, b in enumerate(ladder.BITS):
         spec = quant.QuantSpec("gated", b, signed, 5.0)
         assert spec.scale == float(steps[k])
-        gates = quant.TensorQuant(spec).gates
-        assert gates.tolist() == [1.0 if level <= b else 0.0 for level in ladder.GATED_BITS]
+        assert spec.grid.hi == float(torch.tensor(5.0) * torch.tensor(ladder.SHRINK, dtype=torch.float32))
+        if b < 32:  # ±(2^(b−1)−1) (fp32 rounding of s_b may carry it to ±2^(b−1)) or 0…2^b−1 (SPEC B §1.5)
+            lo, hi = spec.grid.codes
+            assert (lo, hi) == (-hi, hi) and hi in (2 ** (b - 1) - 1, 2 ** (b - 1)) if signed else (lo, hi) == (
+                0, 2**b - 1)

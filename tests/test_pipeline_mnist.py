@@ -1,5 +1,6 @@
 """A short training on real MNIST with the README's settings reaches > 90 % top-1 on the 10k test set, and its
-exports (pruned, packed, ONNX under onnxruntime) classify the test set as the PyTorch eval model does."""
+exports (pruned, packed, ONNX in a default onnxruntime session) compute what the PyTorch eval model computes on the
+whole test set: the same predictions, logits within 1e-5 of the largest."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from bayesian_bits.cli import main
 from bayesian_bits.data import mnist
-from bayesian_bits.export import load_eval_model, load_packed, load_pruned, onnxruntime_session
+from bayesian_bits.export import load_eval_model, load_packed, load_pruned
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 
@@ -50,25 +51,21 @@ def test_short_mnist_training_learns(trained: tuple[Path, Path]) -> None:
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_exports_of_trained_model_classify_alike(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
+def test_exports_of_trained_model_compute_the_eval_model(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
     data_dir, logdir = trained
     ckpt = logdir / "epoch_FINAL.pth"
     for fmt in ("manifest", "pruned", "packed", "onnx"):
         assert main(["export", str(ckpt), "--format", fmt, "-o", str(tmp_path / fmt)]) == 0
     loaded = load_eval_model(ckpt)
     models = {"pruned": load_pruned(tmp_path / "pruned"), "packed": load_packed(tmp_path / "packed")}
-    session = onnxruntime_session(tmp_path / "onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx"))
     _, test_set = mnist(data_dir)
-    correct = dict.fromkeys(["eval", *models, "onnx"], 0)
-    for x, y in DataLoader(test_set, batch_size=1000):
+    for x, _ in DataLoader(test_set, batch_size=1000):
         ref = loaded.model(x)
-        outs = {"eval": ref, **{k: m(x) for k, m in models.items()},
+        outs = {**{k: m(x) for k, m in models.items()},
                 "onnx": torch.from_numpy(session.run(None, {"input": x.numpy()})[0])}
-        for name, out in outs.items():
-            correct[name] += int((out.argmax(1) == y).sum())
-        torch.testing.assert_close(outs["pruned"], ref, atol=1e-5, rtol=1e-5)
         assert torch.equal(outs["packed"], outs["pruned"])
-    assert correct["pruned"] == correct["packed"] == correct["eval"]
-    assert abs(correct["onnx"] - correct["eval"]) <= 5  # 0.05 points of 10,000 images
-
+        for name, out in outs.items():
+            assert torch.equal(out.argmax(1), ref.argmax(1)), name
+            assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), name

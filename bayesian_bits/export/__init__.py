@@ -17,7 +17,7 @@ from ..checkpoint_io import write_error
 from ..errors import UsageError, WriteError
 from .loader import Loaded, load_eval_model, loaded_model
 from .manifest import export_manifest, manifest
-from .onnx_qdq import export_onnx, onnx_model, onnxruntime_session, run_onnxruntime
+from .onnx import export_onnx, onnx_model, onnxruntime_session, run_onnxruntime
 from .packed import export_packed, load_packed, pack
 from .pruned import export_plan, export_pruned, load_pruned, pruned_model
 

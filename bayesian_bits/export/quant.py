@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 import bbkernels
-from bbkernels import reference
 
-from ..quantizer import LEVEL_BITS, BayesianBitsQuantizer, FixedQuantizer, Mode
+from ..quantizer import BayesianBitsQuantizer, FixedQuantizer, Mode
 
 
 @dataclass(frozen=True)
@@ -30,12 +28,14 @@ class QuantSpec:
             object.__setattr__(self, "bits", None)
 
     @property
+    def grid(self) -> bbkernels.Grid | None:
+        """The deployed grid (step s_b = s_2 / c_b, SPEC B §1.5, and clip bounds, in fp32), None for float tensors."""
+        return None if self.kind is Mode.FLOAT else bbkernels.grid(self.x_max, self.bits, self.signed)
+
+    @property
     def scale(self) -> float | None:
-        """Grid step s_b = s_2 / c_b (SPEC B §1.5) in fp32, None for float tensors."""
-        if self.kind is Mode.FLOAT:
-            return None
-        steps = reference.scales(torch.tensor(self.x_max, dtype=torch.float32), self.signed)
-        return float(steps[reference.level_index(self.bits)])
+        """Grid step s_b in fp32, None for float tensors."""
+        return None if self.kind is Mode.FLOAT else self.grid.scale
 
 
 def spec_entry(spec: QuantSpec | None) -> dict[str, Any] | None:
@@ -59,21 +59,16 @@ def spec_of(q: nn.Module) -> QuantSpec:
 
 
 class TensorQuant(nn.Module):
-    """Replays a ``QuantSpec`` with the same operator and gates as the eval model, so outputs are bit-identical."""
+    """Replays a ``QuantSpec`` with the deployed arithmetic of the eval model (bbkernels/deployed.py), so outputs are
+    bit-identical."""
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.register_buffer("x_max", torch.tensor([spec.x_max], dtype=torch.float32))
-        gates = [1.0 if spec.bits is not None and level <= spec.bits else 0.0 for level in LEVEL_BITS]
-        self.register_buffer("gates", torch.tensor(gates))
+        self.grid = spec.grid
 
     def extra_repr(self) -> str:
         return f"{self.spec.kind.value}, bits={self.spec.bits}, signed={self.spec.signed}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.spec.kind is Mode.FLOAT:
-            return x
-        if self.spec.kind is Mode.FIXED:
-            return bbkernels.fixed_quantize(x, self.x_max, self.spec.bits, signed=self.spec.signed)
-        return bbkernels.bb_quantize(x, self.x_max, self.gates, signed=self.spec.signed)
+        return x if self.grid is None else bbkernels.deployed_quantize(x, self.grid)

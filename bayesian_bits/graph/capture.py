@@ -87,7 +87,7 @@ def _runs(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
                            f"{err}") from err
 
 
-def _dynamic(x: Tensor) -> dict[int, Any]:
+def dynamic_dims(x: Tensor) -> dict[int, Any]:
     """Batch dynamic; for integer token inputs the sequence length too, where the model allows it."""
     dims: dict[int, Any] = {0: Dim.DYNAMIC}
     if not x.is_floating_point() and x.dim() >= 2:
@@ -99,7 +99,7 @@ def _export(model: nn.Module, example: tuple[Tensor, ...]) -> torch.export.Expor
     stack: list[str] = []
     with _module_stack(model, stack):
         try:
-            return torch.export.export(model, example, dynamic_shapes=tuple(_dynamic(x) for x in example),
+            return torch.export.export(model, example, dynamic_shapes=tuple(dynamic_dims(x) for x in example),
                                        strict=False)
         except Exception as err:
             mode = "training" if model.training else "eval"

@@ -22,4 +22,7 @@ std::vector<at::Tensor> fold_backward(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& std_run,
                                       const at::Tensor& mean, const at::Tensor& std, c10::optional<double> clamp_max);
 
+// The deployed quantizer of evaluation and export (qdq_cpu.cpp).
+at::Tensor qdq_forward(const at::Tensor& x, double scale, double lo, double hi);
+
 }  // namespace bbq_cpu

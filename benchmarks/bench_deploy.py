@@ -1,0 +1,142 @@
+"""Deployment speed and size on the CPU: the PyTorch eval model (masked), the ``pruned`` export, the ``onnx`` export
+in a default onnxruntime session, and the float model's own ONNX (``torch.onnx.export``) in a default session.
+
+    python -m benchmarks.bench_deploy [--checkpoint CKPT] [--zoo resnet18 mobilenet_v2 vit_tiny] [--batch 1 32]
+                                      [--threads 1] [--reps 10] [--size 224] [--json F]
+
+A checkpoint is measured as trained; a zoo model (torchvision ResNet-18 / MobileNetV2, timm vit_tiny_patch16_224) is
+prepared at 8 bits and given random mixed gates as in the export tests (a third of the quantizers at 4 bits, about
+16 % of the prunable channels off). "int8 onnx" is the same export with per-tensor 8-bit activations, which
+onnxruntime rewrites into its integer kernels (not exact: it shows what they would gain). Every provider runs the
+same input, taking turns call by call (`harness.measure_alternating`); the table gives medians in ms and each one's
+time over the float ONNX's. Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+
+import bayesian_bits as bb
+from bayesian_bits.export import FORMATS, load_eval_model, loaded_model, onnxruntime_session
+from bayesian_bits.export import onnx as onnx_export
+from bayesian_bits.export.loader import Loaded
+from bayesian_bits.export.onnx import example_input
+from bayesian_bits.export.pruned import pruned_model
+
+from . import harness
+
+EIGHT_BIT = {"UINT8": (np.uint8, 0, 255), "INT8": (np.int8, -128, 127)}  # the "int8 onnx" variant's containers
+ZOO = {"resnet18": "torchvision:resnet18", "mobilenet_v2": "torchvision:mobilenet_v2",
+       "vit_tiny": "timm:vit_tiny_patch16_224"}
+
+
+def zoo_case(name: str, size: int) -> tuple[Loaded, nn.Module]:
+    """A zoo model prepared at 8 bits with random mixed gates, and its float model."""
+    from tests.checks import ZOO_CONFIG, randomize_gates
+
+    torch.manual_seed(0)
+    float_model = bb.models.resolve_float_model(ZOO[name], num_classes=1000).eval()
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    model = bb.prepare(float_model, x[:1], ZOO_CONFIG)
+    bb.calibrate(model, x)
+    randomize_gates(model)
+    return loaded_model(model.eval()), float_model
+
+
+def checkpoint_case(path: str) -> tuple[Loaded, nn.Module]:
+    """A trained checkpoint's eval model, and its architecture as a float model (the same weights, unquantized)."""
+    loaded = load_eval_model(path)
+    options = loaded.options
+    float_model = bb.models.resolve_float_model(options["model"], num_classes=bb.experiments.num_classes(options),
+                                                in_channels=loaded.input_shape[1]).eval()
+    return loaded, float_model
+
+
+def float_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """The float model through PyTorch's exporter, dynamic batch."""
+    program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+    program.save(str(path))
+
+
+def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int], threads: int,
+            reps: int) -> dict[str, Any]:
+    """Latencies per batch and file sizes of one case."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {fmt: Path(tmp) / f"m.{fmt}" for fmt in ("pruned", "packed", "onnx")}
+        for fmt, path in files.items():
+            FORMATS[fmt](loaded, path)
+        files["float onnx"] = Path(tmp) / "float.onnx"
+        float_onnx(float_model, example_input(loaded, 2), files["float onnx"])
+        files["int8 onnx"] = Path(tmp) / "int8.onnx"
+        with mock.patch.object(onnx_export, "static_axis", lambda shape: None), \
+                mock.patch.object(onnx_export, "CONTAINERS", EIGHT_BIT | onnx_export.CONTAINERS):
+            FORMATS["onnx"](loaded, files["int8 onnx"])
+        sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
+        pruned = pruned_model(loaded)
+        sessions = {fmt: onnxruntime_session(str(files[fmt]), threads) for fmt in ("onnx", "int8 onnx", "float onnx")}
+        rows = {}
+        for batch in batches:
+            x = example_input(loaded, batch)
+            feed = {"input": x.numpy()}
+            with torch.no_grad():
+                loaded.model(x)  # the eval model quantizes its weights on the first forward
+                timings = harness.measure_alternating({
+                    "eval": lambda x=x: loaded.model(x), "pruned": lambda x=x: pruned(x),
+                    "onnx": lambda feed=feed: sessions["onnx"].run(None, feed),
+                    "int8 onnx": lambda feed=feed: sessions["int8 onnx"].run(None, feed),
+                    "float onnx": lambda feed=feed: sessions["float onnx"].run(None, feed)}, warmup=2, reps=reps)
+            base = timings["float onnx"].median
+            rows[str(batch)] = {k: {"ms": t.median, "vs_float_onnx": t.median / base}
+                                for k, t in timings.items()}
+    return {"model": name, "input": list(loaded.input_shape[1:]), "bytes": sizes, "latency": rows}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The BENCHMARKS.md table."""
+    out = ["| model | batch | eval [ms] | pruned [ms] | ONNX [ms] | float ONNX [ms] | ONNX / float ONNX | "
+           "per-tensor int8 (integer kernels, inexact) / float ONNX |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for batch, row in r["latency"].items():
+            out.append(f"| {r['model']} | {batch} | {row['eval']['ms']:.2f} | {row['pruned']['ms']:.2f} | "
+                       f"{row['onnx']['ms']:.2f} | {row['float onnx']['ms']:.2f} | "
+                       f"**{row['onnx']['vs_float_onnx']:.2f}×** | {row['int8 onnx']['vs_float_onnx']:.2f}× |")
+    out += ["", "| model | float ONNX | `pruned` | `packed` | `onnx` |", "|---|---|---|---|---|"]
+    out += [f"| {r['model']} | " + " | ".join(f"{r['bytes'][k]:,}" for k in ("float onnx", "pruned", "packed", "onnx"))
+            + " |" for r in results]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", default=[], help="a trained checkpoint (repeatable)")
+    parser.add_argument("--zoo", nargs="*", default=list(ZOO), choices=list(ZOO))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=224, help="image side of the zoo models")
+    parser.add_argument("--json", default="bench_out/deploy.json")
+    args = parser.parse_args()
+    cases = [(Path(c).name, *checkpoint_case(c)) for c in args.checkpoint]
+    cases += [(name, *zoo_case(name, args.size)) for name in args.zoo]
+    results = []
+    for name, loaded, float_model in cases:
+        results.append(measure(name, loaded, float_model, args.batch, args.threads, args.reps))
+        print(json.dumps(results[-1]), flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    harness.write_json(Path(args.json), {"threads": args.threads, "results": results}, "cpu")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

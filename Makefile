@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two workers (one per core of the CI machine); a file's tests stay in one worker, so its module fixtures run once.
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The main job: Bayesian Bits LeNet5 on real MNIST with the reference README's flags, for a few epochs.
 DATA_DIR ?= data

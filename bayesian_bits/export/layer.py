@@ -23,12 +23,8 @@ class ExportLayer(nn.Module):
         self.activation = activation
         self.act_quant = None if act_quant is None else TensorQuant(act_quant)
 
-    def dense(self, x: Tensor) -> Tensor:
-        """The conv/linear op with its bias."""
-        return self.op(x)
-
     def forward(self, x: Tensor) -> Tensor:
-        y = self.dense(x)
+        y = self.op(x)
         if self.bias_map is not None:
             if y.shape[1:] != self.bias_map.shape:
                 raise ValueError(f"this layer was exported for outputs of shape {tuple(self.bias_map.shape)} "

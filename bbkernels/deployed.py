@@ -35,11 +35,17 @@ class Grid:
 
     @property
     def codes(self) -> tuple[int, int]:
-        """The lowest and highest integer code, rint(lo/s) and rint(hi/s) in fp32: ±(2^(b−1)−1) or 0…2^b−1 by
-        design (SPEC B §1.5), but the fp32 rounding of s_b can carry a signed bound one code further."""
-        bounds = torch.tensor([self.lo, self.hi], dtype=torch.float32) / torch.tensor(self.scale, dtype=torch.float32)
-        lo, hi = torch.round(bounds).tolist()
-        return int(lo), int(hi)
+        """The lowest and highest integer code (see `codes`)."""
+        return codes(self.scale, self.lo, self.hi)
+
+
+def codes(scale: float, lo: float, hi: float) -> tuple[int, int]:
+    """The lowest and highest integer code of step ``scale`` and clip bounds ``lo``, ``hi``: rint(lo/s), rint(hi/s)
+    in fp32; ±(2^(b−1)−1) or 0…2^b−1 by design (SPEC B §1.5), but the fp32 rounding of s_b can carry a signed bound
+    one code further."""
+    bounds = torch.tensor([lo, hi], dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    low, high = torch.round(bounds).tolist()
+    return int(low), int(high)
 
 
 def grid(x_max: float, bits: int, signed: bool) -> Grid:

@@ -9,7 +9,10 @@ prepared at 8 bits and given random mixed gates as in the export tests (a third 
 16 % of the prunable channels off). "int8 onnx" is the same export with per-tensor 8-bit activations, which
 onnxruntime rewrites into its integer kernels (not exact: it shows what they would gain). Every provider runs the
 same input, taking turns call by call (`harness.measure_alternating`); the table gives medians in ms and each one's
-time over the float ONNX's. Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``).
+time over the float ONNX's. Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``). Where
+the time goes: onnxruntime's profiler gives the kernel time per op type of our graph and the float graph (runs
+after the first), summed into convolutions and matrix products, quantizers (Q/DQ and the float form; a Mul or Div
+of the model's own, as in attention, counts there too, in both graphs), layout reorders and the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -29,7 +33,6 @@ import bayesian_bits as bb
 from bayesian_bits.export import FORMATS, load_eval_model, loaded_model, onnxruntime_session
 from bayesian_bits.export import onnx as onnx_export
 from bayesian_bits.export.loader import Loaded
-from bayesian_bits.export.onnx import example_input
 from bayesian_bits.export.pruned import pruned_model
 
 from . import harness
@@ -37,6 +40,11 @@ from . import harness
 EIGHT_BIT = {"UINT8": (np.uint8, 0, 255), "INT8": (np.int8, -128, 127)}  # the "int8 onnx" variant's containers
 ZOO = {"resnet18": "torchvision:resnet18", "mobilenet_v2": "torchvision:mobilenet_v2",
        "vit_tiny": "timm:vit_tiny_patch16_224"}
+
+
+def per_tensor(x: Any, scale: float, lo: float, hi: float) -> Any:
+    """The "int8 onnx" variant's quantizer: per-tensor Q/DQ (in 8-bit containers where the codes fit)."""
+    return onnx_export.qdq_nodes(x, scale, lo, hi, None)
 
 
 def zoo_case(name: str, size: int) -> tuple[Loaded, nn.Module]:
@@ -68,6 +76,38 @@ def float_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     program.save(str(path))
 
 
+GROUPS = {"compute": {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"},
+          "quantizers": {"QuantizeLinear", "DequantizeLinear", "Clip", "Div", "Round", "Mul"},
+          "reorders": {"ReorderInput", "ReorderOutput"}}
+
+
+def op_profile(path: Path, feed: dict[str, np.ndarray], threads: int, reps: int) -> dict[str, float]:
+    """onnxruntime's kernel time per op type, ms per run, over ``reps`` runs after a first one, in a default session."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    options.enable_profiling, options.profile_file_prefix = True, str(path.with_suffix(""))
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(reps + 1):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    totals: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > runs[0]:
+            totals[e["args"]["op_name"]] += e["dur"] / 1e3 / reps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def grouped(profile: dict[str, float]) -> dict[str, float]:
+    """A profile summed by ``GROUPS`` (the op types of no group as "other")."""
+    out = dict.fromkeys([*GROUPS, "other"], 0.0)
+    for op, ms in profile.items():
+        out[next((g for g, ops in GROUPS.items() if op in ops), "other")] += ms
+    return out
+
+
 def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int], threads: int,
             reps: int) -> dict[str, Any]:
     """Latencies per batch and file sizes of one case."""
@@ -77,17 +117,17 @@ def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int
         for fmt, path in files.items():
             FORMATS[fmt](loaded, path)
         files["float onnx"] = Path(tmp) / "float.onnx"
-        float_onnx(float_model, example_input(loaded, 2), files["float onnx"])
+        float_onnx(float_model, loaded.example(2), files["float onnx"])
         files["int8 onnx"] = Path(tmp) / "int8.onnx"
-        with mock.patch.object(onnx_export, "static_axis", lambda shape: None), \
+        with mock.patch.object(onnx_export, "qdq_translation", per_tensor), \
                 mock.patch.object(onnx_export, "CONTAINERS", EIGHT_BIT | onnx_export.CONTAINERS):
             FORMATS["onnx"](loaded, files["int8 onnx"])
         sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
         pruned = pruned_model(loaded)
         sessions = {fmt: onnxruntime_session(str(files[fmt]), threads) for fmt in ("onnx", "int8 onnx", "float onnx")}
-        rows = {}
+        rows, profiles = {}, {}
         for batch in batches:
-            x = example_input(loaded, batch)
+            x = loaded.example(batch)
             feed = {"input": x.numpy()}
             with torch.no_grad():
                 loaded.model(x)  # the eval model quantizes its weights on the first forward
@@ -99,7 +139,9 @@ def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int
             base = timings["float onnx"].median
             rows[str(batch)] = {k: {"ms": t.median, "vs_float_onnx": t.median / base}
                                 for k, t in timings.items()}
-    return {"model": name, "input": list(loaded.input_shape[1:]), "bytes": sizes, "latency": rows}
+            profiles[str(batch)] = {fmt: op_profile(files[fmt], feed, threads, reps) for fmt in ("onnx", "float onnx")}
+    return {"model": name, "input": list(loaded.input_shape[1:]), "bytes": sizes, "latency": rows,
+            "op_profile": profiles}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -114,6 +156,13 @@ def markdown(results: list[dict[str, Any]]) -> str:
     out += ["", "| model | float ONNX | `pruned` | `packed` | `onnx` |", "|---|---|---|---|---|"]
     out += [f"| {r['model']} | " + " | ".join(f"{r['bytes'][k]:,}" for k in ("float onnx", "pruned", "packed", "onnx"))
             + " |" for r in results]
+    out += ["", "| model | batch | graph | " + " | ".join(f"{g} [ms]" for g in [*GROUPS, "other"]) + " |",
+            "|---|---|---|" + "---|" * (len(GROUPS) + 1)]
+    for r in results:
+        for batch, profiles in r["op_profile"].items():
+            for fmt, profile in profiles.items():
+                out.append(f"| {r['model']} | {batch} | {fmt} | "
+                           + " | ".join(f"{ms:.2f}" for ms in grouped(profile).values()) + " |")
     return "\n".join(out)
 
 

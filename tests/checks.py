@@ -73,13 +73,14 @@ class _QdqCalls(TorchDispatchMode):
 
 
 def _quantizer_outputs(proto: object) -> tuple[object, list[str]]:
-    """A copy of an ONNX graph that also outputs every activation QuantizeLinear → DequantizeLinear, and their names
-    in graph order."""
+    """A copy of an ONNX graph that also outputs every activation quantizer (QuantizeLinear → DequantizeLinear, or
+    the float form … → Round → Mul), and their names in graph order."""
     import onnx
 
     probe = copy.deepcopy(proto)
-    quantized = {n.output[0] for n in probe.graph.node if n.op_type == "QuantizeLinear"}
-    names = [n.output[0] for n in probe.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized]
+    quantized = {n.output[0]: n.op_type for n in probe.graph.node if n.op_type in ("QuantizeLinear", "Round")}
+    last = {"QuantizeLinear": "DequantizeLinear", "Round": "Mul"}
+    names = [n.output[0] for n in probe.graph.node if n.input and last.get(quantized.get(n.input[0])) == n.op_type]
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     return probe, names
 
@@ -119,10 +120,16 @@ def assert_deploys(forward: Callable[[torch.Tensor], torch.Tensor], proto: objec
 def assert_onnx_deploys(model: nn.Module, x: torch.Tensor) -> None:
     """`assert_deploys` for the ONNX export of a prepared ``model`` (eval mode from here), on 8 inputs like ``x``."""
     from bayesian_bits.export import loaded_model, onnx_model
+    from bayesian_bits.export.onnx import deployed_program
     from tests.attention_zoo import VOCAB, logits
 
-    pruned, proto = onnx_model(loaded_model(model.eval()))
+    loaded = loaded_model(model.eval())
+    pruned, proto = onnx_model(loaded)
     gen = torch.Generator().manual_seed(5)
     xs = torch.rand(8, *x.shape[1:], generator=gen) if x.is_floating_point() else \
         torch.randint(0, VOCAB, (8, *x.shape[1:]), generator=gen)
-    assert_deploys(lambda t: logits(pruned(t)), proto, xs)
+    with torch.no_grad():
+        expected = logits(pruned(xs))
+    program = deployed_program(pruned, loaded.example(2)).module()  # quantizers in the graph's order and places
+    assert torch.equal(program(xs), expected)
+    assert_deploys(program, proto, xs)

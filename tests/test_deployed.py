@@ -59,3 +59,26 @@ def test_reference_is_onnx_quantize_dequantize() -> None:
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
     assert onnx.checker.check_model(model) is None
     assert torch.equal(torch.from_numpy(got), qdq_reference(x, g.scale, g.lo, g.hi))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (2, 500)], ids=["per-axis", "float-form"])
+@pytest.mark.parametrize("g", [bbkernels.grid(1.37, 8, False), bbkernels.grid(0.6, 4, True),
+                               bbkernels.grid(0.6, 16, True)], ids=lambda g: f"{g.bits}b-{g.lo < 0}")
+def test_onnx_translation_is_the_reference(shape: tuple[int, ...], g: bbkernels.Grid) -> None:
+    """The export's translation of `qdq`, per-axis Q/DQ where each scale entry covers 64 values or more, else the
+    float form Clip → Div → Round → Mul, computes the reference in a default onnxruntime session, tie for tie."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bayesian_bits.export.onnx import qdq_axis, run_onnxruntime, to_onnx
+
+    class Quantize(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return qdq(x, g.scale, g.lo, g.hi)
+
+    values = near_ties(g, int(np.prod(shape)))[:-3]  # no NaN: QuantizeLinear's NaN is implementation-defined
+    x = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(1))][:int(np.prod(shape))]
+    x = x.reshape(shape)
+    proto = to_onnx(Quantize(), x, "qdq")
+    ops = {n.op_type for n in proto.graph.node}
+    assert ("QuantizeLinear" in ops) == (qdq_axis(shape) is not None) != ("Round" in ops)
+    assert torch.equal(run_onnxruntime(proto, x), qdq_reference(x, g.scale, g.lo, g.hi))

@@ -26,7 +26,7 @@ from bayesian_bits.export import (
 )
 from bayesian_bits.export.graph import regions
 from bayesian_bits.export.layer import ExportLayer
-from bayesian_bits.export.onnx import container, to_onnx
+from bayesian_bits.export.onnx import MAX_POOLS, NCHWC_BLOCK, container, pool_before_quantizing, to_onnx
 from bayesian_bits.export.packed import pack_bits, unpack_bits
 from bayesian_bits.export.quant import QuantSpec, TensorQuant, spec_entry, spec_from_entry
 from bayesian_bits.finetune import convert_to_fixed
@@ -167,6 +167,47 @@ def test_residual_coupling(tmp_path: Path) -> None:
     assert "features.3.conv.2" not in found.by_output  # its output feeds the residual add
 
 
+def test_onnx_fills_channel_blocks(tmp_path: Path) -> None:
+    """The ONNX export keeps each region's first pruned channels up to a multiple of onnxruntime's NCHWc block (so
+    that its blocked convolutions run), every channel left pruned by the gates included; the kept pruned channels
+    emit their constants as in the eval model."""
+    loaded = load_eval_model(write_checkpoint("mobilenetv2", tmp_path / "m.pth"))
+    exact, filled = regions(loaded.model), regions(loaded.model, NCHWC_BLOCK)
+    assert exact.by_output
+    for name, region in exact.by_output.items():
+        kept = filled.by_output[name].kept if name in filled.by_output else torch.arange(region.channels)
+        assert set(region.kept.tolist()) <= set(kept.tolist())
+        assert kept.numel() % NCHWC_BLOCK == 0 or kept.numel() == region.channels
+        assert kept.numel() - region.kept.numel() < NCHWC_BLOCK
+        assert torch.equal(kept, kept.sort().values)
+    pruned, proto = onnx_model(loaded)
+    widths = {t.name: t.dims[0] for t in proto.graph.initializer if t.dims}
+    original = {m.out_channels for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d)}
+    convs = [widths[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs and all(w % NCHWC_BLOCK == 0 or w in original for w in convs)
+    x = batch(loaded)
+    with torch.no_grad():
+        ref = loaded.model(x)
+        torch.testing.assert_close(pruned(x), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+
+
+def test_onnx_pools_before_quantizing(lenet: Path) -> None:
+    """The ONNX export moves each max pooling that reads a quantizer's output ahead of the quantizer (which then reads
+    a quarter of the values) without changing a value."""
+    loaded = load_eval_model(lenet)
+    pruned = pruned_model(loaded, NCHWC_BLOCK)
+    x = loaded.example(2)
+    program = torch.export.export(pruned, (x,), strict=False)
+    assert pool_before_quantizing(program.graph_module) == 2
+    pools = [n for n in program.graph.nodes if n.target in MAX_POOLS]
+    assert len(pools) == 2
+    for pool in pools:
+        assert pool.args[0].target is not torch.ops.bbkernels.qdq.default
+        assert [user.target for user in pool.users] == [torch.ops.bbkernels.qdq.default]
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), pruned(x))
+
+
 def test_packed_round_trip(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     loaded = load_eval_model(ckpt)
     out = tmp_path / "w.packed"
@@ -200,11 +241,14 @@ def test_onnx_matches_pytorch(ckpt: Path, tmp_path: Path, capsys: pytest.Capture
     grids = [m.grid for m in pruned.modules() if isinstance(m, TensorQuant) and m.grid and m.grid.bits < 32]
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer} | {
         n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"}
-    zero_points = [constants[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(zero_points) == len(grids) and grids
-    for grid, zero_point in zip(grids, zero_points, strict=True):
-        assert zero_point.size > 1 and len(set(zero_point.tolist())) == 1  # per-axis, one value
-        assert container(grid.codes) == (zero_point.dtype.name.upper(), int(zero_point.flat[0]))
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    float_form = [n for n in proto.graph.node if n.op_type == "Round"]
+    assert len(quantize) + len(float_form) == len(grids) and quantize
+    by_scale = {np.float32(g.scale): g for g in grids}
+    for node in quantize:
+        scale, zero_point = constants[node.input[1]], constants[node.input[2]]
+        assert zero_point.size > 1 and len(set(zero_point.tolist())) == len(set(scale.tolist())) == 1  # per-axis
+        assert container(by_scale[scale.flat[0]].codes) == (zero_point.dtype.name.upper(), int(zero_point.flat[0]))
     x = batch(loaded, 16)
     with torch.no_grad():
         ref = loaded.model(x)

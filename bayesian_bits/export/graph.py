@@ -43,21 +43,34 @@ class Regions:
     by_input: dict[str, Region]
 
 
-def regions(model: nn.Module) -> Regions:
+def regions(model: nn.Module, multiple: int = 1) -> Regions:
     """Every layer of a prepared ``model`` with pruned channels that can be removed, with the layers the removal
-    reaches (from the dataflow `prepare` recorded, and the eval masks)."""
+    reaches (from the dataflow `prepare` recorded, and the eval masks). With ``multiple`` > 1 each region keeps
+    its first pruned channels too, up to a multiple of that many channels (a kept pruned channel emits its constant,
+    as in the eval model)."""
     flow, inner = dataflow(model), unwrap(model)
     layers = [t.name for t in flow.terms if t.layer and isinstance(inner.get_submodule(t.name), QuantLayer)]
     found = Regions(layers, {}, {})
     for name, removable in flow.regions.items():
         quantizer = inner.get_submodule(name).weight_quantizer
         mask = None if quantizer is None else quantizer.applied_mask()
-        if mask is None or bool(mask.all()):
+        if mask is None:
             continue
-        region = Region(name, mask.numel(), torch.nonzero(mask).flatten(), list(removable.passthrough),
-                        list(removable.sinks))
+        kept = _round_up(mask, multiple)
+        if kept.numel() == mask.numel():
+            continue
+        region = Region(name, mask.numel(), kept, list(removable.passthrough), list(removable.sinks))
         for layer in (region.producer, *region.passthrough):
             found.by_output[layer] = region
         for layer in (*region.passthrough, *region.sinks):
             found.by_input[layer] = region
     return found
+
+
+def _round_up(mask: Tensor, multiple: int) -> Tensor:
+    """The indices of ``mask``'s channels, with its first unmasked ones added up to a multiple of ``multiple``
+    (all channels at most), sorted."""
+    keep = mask.bool().clone()
+    extra = -int(keep.sum()) % multiple
+    keep[torch.nonzero(~keep).flatten()[:extra]] = True
+    return torch.nonzero(keep).flatten()

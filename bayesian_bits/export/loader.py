@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .. import checkpoint_io
 from ..checkpoint_io import load_checkpoint, load_model_state
@@ -34,6 +35,14 @@ class Loaded:
     mac_shape: tuple[int, int, int, int]
     input_shape: tuple[int, int, int, int]
     options: dict[str, Any]
+
+    def example(self, batch: int) -> Tensor:
+        """A seeded input of the export's shape at ``batch``: images in [0, 1), or token ids 0."""
+        dtype = dataflow(self.model).input_dtypes[0]
+        shape = (batch, *self.input_shape[1:])
+        if dtype.is_floating_point:
+            return torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        return torch.zeros(shape, dtype=dtype)
 
 
 def model_from_options(options: Any, source: str, trust_model_code: bool = False) -> nn.Module:

@@ -9,6 +9,10 @@ MatMulIntegerToFloat and QLinearConv; WeightBiasQuantization of float weights an
 with 4-bit types); activations in 16-bit containers with per-axis scales (`qdq_translation`) meet none of them, so the
 graph keeps float compute between its Q/DQ pairs, as the eval model does. Weights are fp32 initializers holding
 exactly the grid values (the ``packed`` format stores the codes).
+
+For speed in onnxruntime, with the same values: pruned layers keep channels up to a multiple of ``NCHWC_BLOCK``;
+a max pooling that follows a quantizer moves ahead of it (`pool_before_quantizing`); tensors whose per-axis scale
+would cover short runs of values (features of a batch of vectors) get the float form of the quantizer instead.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import bbkernels
+from bbkernels import deployed
 
 from .. import checkpoint_io
 from ..errors import UsageError
 from ..graph.capture import dynamic_dims
-from ..graph.dataflow import dataflow
 from .loader import Loaded
 from .pruned import pruned_model
 
@@ -36,6 +39,13 @@ OPSET = 21
 # fuses DQ→MatMul with 8-bit types into MatMulIntegerToFloat even for per-axis scales (and then fails), and none of
 # its CPU integer kernels takes 16-bit types.
 CONTAINERS = {"UINT16": (np.uint16, 0, 65535), "INT16": (np.int16, -32768, 32767)}
+# onnxruntime runs a convolution in its blocked layout (MLAS NCHWc, several times faster) only where its channel
+# counts divide by the block, 8 with AVX2 and 16 with AVX-512: pruned layers keep channels up to a multiple of 16.
+NCHWC_BLOCK = 16
+# A per-axis QuantizeLinear → DequantizeLinear costs onnxruntime 1.32 about 0.5 ns per value and 28 ns per run of
+# values sharing a scale entry on this project's CPU, the float form Clip → Div → Round → Mul about 1 ns per value
+# (BENCHMARKS.md, "Deployment"): per-axis Q/DQ where each entry covers at least this many values.
+MIN_BLOCK = 64
 
 
 def _require(module: str, what: str) -> Any:
@@ -54,32 +64,45 @@ def container(codes: tuple[int, int]) -> tuple[str, int]:
     raise ValueError(f"codes {lo}…{hi} span more than 16 bits")
 
 
-def static_axis(shape: Any) -> int | None:
-    """The first non-batch axis of a known size above 1 (the channel axis of images; heads or features of tokens):
-    a vector along it is not a scalar to onnxruntime."""
+def qdq_axis(shape: Any) -> int | None:
+    """The axis of a per-axis QuantizeLinear for a tensor of ``shape``: the first non-batch axis of a known size
+    above 1 (the channel axis of images; heads or tokens of sequences), where at least ``MIN_BLOCK`` values of known
+    count follow each of its entries; None where there is none."""
     dims = list(shape) if shape is not None else []
-    return next((i for i, d in enumerate(dims[1:], 1) if isinstance(d, int) and d > 1), None)
+    for i, d in enumerate(dims[1:], 1):
+        if isinstance(d, int) and d > 1:
+            rest = dims[i + 1:]
+            return i if all(isinstance(r, int) for r in rest) and int(np.prod(rest)) >= MIN_BLOCK else None
+    return None
 
 
 def qdq_translation(x: Any, scale: float, lo: float, hi: float) -> Any:
-    """``bbkernels::qdq`` as ONNX: [Clip →] QuantizeLinear → DequantizeLinear in a 16-bit container.
-
-    The scale and zero point are per-axis vectors of equal values along a static axis: the arithmetic of a scalar
-    scale, but onnxruntime's WeightBiasQuantization (which re-quantizes the float weight and bias of a Conv/Gemm fed
-    by a per-tensor DQ) leaves it alone. The Clip is left out where the container saturates at the grid's codes (an
-    unsigned 16-bit grid); a tensor without a static axis gets scalars; a grid no 16-bit container holds is
-    Clip → Div → Round → Mul."""
+    """``bbkernels::qdq`` as ONNX: per-axis [Clip →] QuantizeLinear → DequantizeLinear in a 16-bit container (see
+    `qdq_nodes`) along `qdq_axis`; Clip → Div → Round → Mul, the same arithmetic in float (Round is half to even),
+    where the tensor has no such axis or no 16-bit container holds the grid (a signed 16-bit grid whose fp32 bounds
+    reach ±2^15)."""
+    axis = qdq_axis(x.shape)
+    codes = deployed.codes(scale, lo, hi)
+    if axis is not None and codes[1] - codes[0] <= max(tmax - tmin for _, tmin, tmax in CONTAINERS.values()):
+        return qdq_nodes(x, scale, lo, hi, axis)
     from onnxscript import opset21 as op
 
-    codes, shape = bbkernels.Grid(0, scale, lo, hi).codes, x.shape
-    if codes[1] - codes[0] > 65535:  # a signed 16-bit grid whose fp32 bounds reach ±2^15: no container holds it
-        s = op.Constant(value_float=scale)
-        clipped = op.Clip(x, op.Constant(value_float=lo), op.Constant(value_float=hi))
-        return op.Mul(op.Round(op.Div(clipped, s)), s)  # the same arithmetic: Round is half to even
-    axis = static_axis(shape)
+    s = op.Constant(value_float=scale)
+    clipped = op.Clip(x, op.Constant(value_float=lo), op.Constant(value_float=hi))
+    return op.Mul(op.Round(op.Div(clipped, s)), s)
+
+
+def qdq_nodes(x: Any, scale: float, lo: float, hi: float, axis: int | None) -> Any:
+    """[Clip →] QuantizeLinear → DequantizeLinear in the narrowest of ``CONTAINERS``, with per-axis vectors of equal
+    values along ``axis`` (scalars for None). A per-axis scale has the arithmetic of a scalar one, but onnxruntime's
+    WeightBiasQuantization (which re-quantizes the float weight and bias of a Conv/Gemm fed by a per-tensor DQ)
+    leaves it alone. The Clip is left out where the container saturates at the grid's codes."""
+    from onnxscript import opset21 as op
+
+    codes, shape = deployed.codes(scale, lo, hi), x.shape
     name, zero_point = container(codes)
     numpy_type, tmin, tmax = CONTAINERS[name]
-    if (tmin - zero_point, tmax - zero_point) != codes:  # the container's saturation is wider than the clip
+    if (tmin - zero_point, tmax - zero_point) != codes:  # the container saturates wider than the clip
         x = op.Clip(x, op.Constant(value_float=lo), op.Constant(value_float=hi))
     size = () if axis is None else (shape[axis],)
     s = op.Constant(value=_ir_tensor(np.full(size, scale, np.float32)))
@@ -94,15 +117,6 @@ def _ir_tensor(array: np.ndarray) -> Any:
     return onnx_ir.tensor(array)
 
 
-def example_input(loaded: Loaded, batch: int) -> Tensor:
-    """A seeded input of the export's shape at ``batch``: images in [0, 1), or token ids 0."""
-    dtype = dataflow(loaded.model).input_dtypes[0]
-    shape = (batch, *loaded.input_shape[1:])
-    if dtype.is_floating_point:
-        return torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    return torch.zeros(shape, dtype=dtype)
-
-
 class _Logits(nn.Module):
     """A model whose output is a tensor or a Hugging Face output with ``.logits``, returning the logits."""
 
@@ -115,17 +129,48 @@ class _Logits(nn.Module):
         return out if isinstance(out, Tensor) else out.logits
 
 
+MAX_POOLS = (torch.ops.aten.max_pool1d.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool3d.default)
+
+
+def pool_before_quantizing(module: torch.fx.GraphModule) -> int:
+    """Move each max pooling that reads only a quantizer's output ahead of that quantizer, which then quantizes the
+    smaller pooled tensor; the values are the same (max commutes with a non-decreasing map). Returns the moves."""
+    graph, moved = module.graph, 0
+    for pool in [n for n in graph.nodes if n.target in MAX_POOLS]:
+        quantize = pool.args[0]
+        if quantize.target is not torch.ops.bbkernels.qdq.default or len(quantize.users) != 1:
+            continue
+        pool.replace_input_with(quantize, quantize.args[0])
+        with graph.inserting_after(pool):
+            pooled = graph.call_function(quantize.target, (pool, *quantize.args[1:]))
+        pooled.meta = dict(pool.meta)
+        pool.replace_all_uses_with(pooled, delete_user_cb=lambda user, pooled=pooled: user is not pooled)
+        graph.erase_node(quantize)
+        moved += 1
+    graph.lint()
+    module.recompile()
+    return moved
+
+
+def deployed_program(model: nn.Module, x: Tensor) -> torch.export.ExportedProgram:
+    """What `to_onnx` translates: a pruned ``model`` returning logits, captured by ``torch.export`` for inputs like
+    ``x`` (dynamic batch), its max poolings moved ahead of quantizers (`pool_before_quantizing`)."""
+    with torch.no_grad():
+        program = torch.export.export(_Logits(model).eval(), (x,), dynamic_shapes=(dynamic_dims(x),), strict=False)
+    pool_before_quantizing(program.graph_module)
+    return program
+
+
 def to_onnx(model: nn.Module, x: Tensor, name: str) -> Any:
     """The ONNX ModelProto of a pruned ``model`` for inputs like ``x`` (batch ≥ 2; the batch size stays dynamic, and
     the token length of integer inputs where the model allows it), checked by ``onnx.checker``."""
     _require("onnxscript", "--format onnx")
     onnx = _require("onnx", "--format onnx")
     with torch.no_grad():
-        program = torch.onnx.export(
-            _Logits(model).eval(), (x,), dynamo=True, opset_version=OPSET, input_names=["input"],
-            output_names=["logits"], dynamic_shapes=(dynamic_dims(x),),
-            custom_translation_table={torch.ops.bbkernels.qdq.default: qdq_translation}, verbose=False)
-    proto = program.model_proto
+        proto = torch.onnx.export(
+            deployed_program(model, x), dynamo=True, opset_version=OPSET, input_names=["input"],
+            output_names=["logits"], custom_translation_table={torch.ops.bbkernels.qdq.default: qdq_translation},
+            verbose=False).model_proto
     onnx.helper.set_model_props(proto, {"model": name})
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -133,8 +178,8 @@ def to_onnx(model: nn.Module, x: Tensor, name: str) -> Any:
 
 def onnx_model(loaded: Loaded) -> tuple[nn.Module, Any]:
     """The pruned PyTorch model and its ONNX ModelProto."""
-    pruned = pruned_model(loaded)
-    return pruned, to_onnx(pruned, example_input(loaded, 2), loaded.name)  # batch 2: sizes 0, 1 get specialised
+    pruned = pruned_model(loaded, NCHWC_BLOCK)
+    return pruned, to_onnx(pruned, loaded.example(2), loaded.name)  # batch 2: sizes 0, 1 get specialised
 
 
 def onnxruntime_session(proto_or_path: Any, threads: int = 0) -> Any:
@@ -161,7 +206,7 @@ def export_onnx(loaded: Loaded, out: str | Path) -> str:
     summary = f"wrote {out}: {Path(out).stat().st_size:,} bytes, opset {OPSET}; "
     if importlib.util.find_spec("onnxruntime") is None:
         return summary + "onnxruntime not installed, outputs not compared"
-    x = example_input(loaded, 8)
+    x = loaded.example(8)
     with torch.no_grad():
         expected = _Logits(loaded.model)(x)
     got = run_onnxruntime(out, x)

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from .. import bn_fold, checkpoint_io, fold_bank, gate_bank
 from ..errors import CheckpointError, UsageError
-from ..graph.dataflow import dataflow
 from ..graph.modules import set_module
 from ..layers import QuantLayer
 from .graph import QUANTIZERS, Region, regions
@@ -75,16 +74,14 @@ def eval_weight(layer: QuantLayer) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, Tensor]:
-    """Each named layer's input for one batch-1 forward of the eval model: random values, or token ids 0."""
+def layer_inputs(loaded: Loaded, names: list[str]) -> dict[str, Tensor]:
+    """Each named layer's input for one batch-1 forward of the eval model on ``Loaded.example``."""
     seen: dict[str, Tensor] = {}
+    model = loaded.model
     hooks = [model.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: seen.__setitem__(n, args[0].detach())) for n in names]
     try:
-        dtype = dataflow(model).input_dtypes[0]
-        x = torch.rand(input_shape, generator=torch.Generator().manual_seed(0)) if dtype.is_floating_point \
-            else torch.zeros(input_shape, dtype=dtype)
-        model(x)  # any input: see _carry
+        model(loaded.example(1))  # any input: see _carry
     finally:
         for h in hooks:
             h.remove()
@@ -114,11 +111,12 @@ def _carry(layer: QuantLayer, x: Tensor, weight: Tensor, bias: Tensor, feeding: 
 
 
 @torch.no_grad()
-def export_plan(loaded: Loaded) -> ExportPlan:
-    """The pruned layers of an eval model, with the constants of removed channels carried forward."""
+def export_plan(loaded: Loaded, multiple: int = 1) -> ExportPlan:
+    """The pruned layers of an eval model, with the constants of removed channels carried forward; ``multiple``:
+    see ``graph.regions``."""
     model = loaded.model
-    found = regions(model)
-    inputs = layer_inputs(model, list(found.by_input), loaded.input_shape)
+    found = regions(model, multiple)
+    inputs = layer_inputs(loaded, list(found.by_input))
     plan = ExportPlan([])
     for name in found.order:
         layer = model.get_submodule(name)
@@ -170,9 +168,9 @@ def assemble(skeleton: nn.Module, plan: ExportPlan) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def pruned_model(loaded: Loaded) -> nn.Module:
-    """The pruned float model of an eval model."""
-    return assemble(loaded.model, export_plan(loaded))
+def pruned_model(loaded: Loaded, multiple: int = 1) -> nn.Module:
+    """The pruned float model of an eval model (``multiple``: see ``graph.regions``)."""
+    return assemble(loaded.model, export_plan(loaded, multiple))
 
 
 def export_pruned(loaded: Loaded, out: str | Path) -> str:

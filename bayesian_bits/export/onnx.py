@@ -42,7 +42,7 @@ CONTAINERS = {"UINT16": (np.uint16, 0, 65535), "INT16": (np.int16, -32768, 32767
 # onnxruntime runs a convolution in its blocked layout (MLAS NCHWc, several times faster) only where its channel
 # counts divide by the block, 8 with AVX2 and 16 with AVX-512: pruned layers keep channels up to a multiple of 16.
 NCHWC_BLOCK = 16
-# A per-axis QuantizeLinear → DequantizeLinear costs onnxruntime 1.32 about 0.5 ns per value and 28 ns per run of
+# A per-axis QuantizeLinear → DequantizeLinear costs onnxruntime 1.32 about 0.5 ns per value and 29 ns per run of
 # values sharing a scale entry on this project's CPU, the float form Clip → Div → Round → Mul about 1 ns per value
 # (BENCHMARKS.md, "Deployment"): per-axis Q/DQ where each entry covers at least this many values.
 MIN_BLOCK = 64

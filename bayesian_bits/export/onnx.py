@@ -66,8 +66,8 @@ def container(codes: tuple[int, int]) -> tuple[str, int]:
 
 def qdq_axis(shape: Any) -> int | None:
     """The axis of a per-axis QuantizeLinear for a tensor of ``shape``: the first non-batch axis of a known size
-    above 1 (the channel axis of images; heads or tokens of sequences), where at least ``MIN_BLOCK`` values of known
-    count follow each of its entries; None where there is none."""
+    above 1 (the channel axis of images; heads or tokens of sequences) if at least ``MIN_BLOCK`` values of known count
+    follow each of its entries, else None."""
     dims = list(shape) if shape is not None else []
     for i, d in enumerate(dims[1:], 1):
         if isinstance(d, int) and d > 1:

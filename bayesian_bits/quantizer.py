@@ -112,7 +112,7 @@ class _Quantizer(nn.Module):
     def _fixed_or_float(self, x: Tensor, bits: int | None, mask: Tensor | None) -> Tensor:
         """FIXED at `bits` (None: FLOAT), times the channel `mask` (0/1 or gates) when given."""
         if bits is None:
-            return x if mask is None else x * mask.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+            return x if mask is None else x * bbkernels.reference.channel_view(mask.to(x.dtype), x)
         return bbkernels.fixed_quantize(x, self.x_max, bits, mask, signed=self._signed)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import cpu
 from .backends import is_available
 from .ladder import SHRINK, level_index
-from .reference import scales
+from .reference import channel_view, scales
 
 
 @dataclass(frozen=True)
@@ -110,4 +110,4 @@ def deployed_quantize(x: Tensor, g: Grid, mask: Tensor | None = None) -> Tensor:
     """``x`` through the deployed quantizer ``g`` (the clip alone at 32 bits), times the per-output-channel 0/1
     ``mask`` (dim 0 of x)."""
     y = torch.clamp(x, g.lo, g.hi) if g.bits == 32 else qdq(x, g.scale, g.lo, g.hi)
-    return y if mask is None else y * mask.to(y.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    return y if mask is None else y * channel_view(mask.to(y.dtype), x)

@@ -65,14 +65,15 @@ def active_gates(gates: Tensor) -> Tensor:
     return gates * alive
 
 
-def _channel_view(g2: Tensor, x: Tensor) -> Tensor:
+def channel_view(g2: Tensor, x: Tensor) -> Tensor:
+    """Per-output-channel values ``g2`` shaped to broadcast over ``x`` (channels in dim 0)."""
     return g2.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
 def _gate_channels(z: Tensor, g2: Tensor | None, x: Tensor, compute_dtype: torch.dtype) -> Tensor:
     """y = g2[c]·z, in x's dtype for the fp32 reference (the float64 oracle stays in float64)."""
     if g2 is not None:
-        z = _channel_view(g2.to(compute_dtype), z) * z
+        z = channel_view(g2.to(compute_dtype), z) * z
     return z.to(x.dtype) if compute_dtype == torch.float32 else z
 
 
@@ -156,7 +157,7 @@ def closed_form_grads(
         s_used, c_used, gate_vals = all_s, LEVEL_C, active_gates(gates.to(cd))
     n_levels = len(s_used) if bits else 1 + int(torch.count_nonzero(torch.cumprod(gate_vals > 0, 0)))
     C = x.shape[0] if g2 is not None else 1
-    G2 = _channel_view(g2.to(cd), xf) if g2 is not None else torch.ones((), dtype=cd, device=x.device)
+    G2 = channel_view(g2.to(cd), xf) if g2 is not None else torch.ones((), dtype=cd, device=x.device)
 
     rho, xs, es = xc, [], []
     for k in range(n_levels):

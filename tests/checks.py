@@ -47,12 +47,11 @@ def full_precision(model: nn.Module) -> None:
 
 
 def assert_agrees(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal to fp32 precision but for rounding ties. The pruned model sums its inputs in another order (removed
-    channels carried as bias), onnxruntime quantizes by s·rint(x/s) where the eval model sums residual levels;
-    now and then an activation lands a grid step apart, and in these deep untrained networks the layers after it
-    spread that step through the sample's logits (a constant channel at a tie shifts every sample a little). A wrong
-    graph is off by the logits' own scale on every sample; here many samples agree to a hundredth of it and the
-    predictions almost always (BENCHMARKS.md has the figures)."""
+    """Equal to fp32 precision but for rounding ties. The pruned model sums its inputs in another order than the
+    eval model (removed channels carried as bias); now and then an activation lands a grid step apart, and in these
+    deep untrained networks the layers after it spread that step through the sample's logits (a constant channel at
+    a tie shifts every sample a little). A wrong graph is off by the logits' own scale on every sample; here many
+    samples agree to a hundredth of it and the predictions almost always (BENCHMARKS.md has the figures)."""
     close = (got - ref).abs().amax(1) <= 1e-2 * float(ref.abs().max())
     assert float(close.float().mean()) >= 0.25, f"{int(close.sum())} of {len(close)} samples agree to 1 %"
     assert float((got.argmax(1) == ref.argmax(1)).float().mean()) >= 0.75

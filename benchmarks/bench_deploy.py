@@ -7,7 +7,10 @@ in a default onnxruntime session, and the float model's own ONNX (``torch.onnx.e
 A checkpoint is measured as trained; a zoo model (torchvision ResNet-18 / MobileNetV2, timm vit_tiny_patch16_224) is
 prepared at 8 bits and given random mixed gates as in the export tests (a third of the quantizers at 4 bits, about
 16 % of the prunable channels off). "int8 onnx" is the same export with per-tensor 8-bit activations, which
-onnxruntime rewrites into its integer kernels (not exact: it shows what they would gain). Every provider runs the
+onnxruntime rewrites into its integer kernels (not exact: it shows what they would gain). "floor" is the same export
+with each quantizer replaced by one pass that onnxruntime keeps in its blocked layout and cannot fuse into the
+convolution before it (x + x; wrong values, timing only): an exact quantizer rounds, no onnxruntime convolution
+rounds its output, so no exact export can take less time than this one. Every provider runs the
 same input, taking turns call by call (`harness.measure_alternating`); the table gives medians in ms and each one's
 time over the float ONNX's. Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``). Where
 the time goes: onnxruntime's profiler gives the kernel time per op type of our graph and the float graph (runs
@@ -26,6 +29,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -69,11 +73,18 @@ def checkpoint_case(path: str) -> tuple[Loaded, nn.Module]:
     return loaded, float_model
 
 
-def float_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
-    """The float model through PyTorch's exporter, dynamic batch."""
-    program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
-                                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
-    program.save(str(path))
+def floor(x: Any, scale: float, lo: float, hi: float) -> Any:
+    """The "floor" variant's quantizer: one unfusable pass in onnxruntime's blocked layout (the values are wrong)."""
+    from onnxscript import opset21 as op
+
+    return op.Add(x, x)
+
+
+def variant_onnx(loaded: Loaded, path: Path, translation: Any, containers: dict[str, Any]) -> None:
+    """Our ONNX export with another quantizer translation and container table, saved to ``path``."""
+    with mock.patch.object(onnx_export, "qdq_translation", translation), \
+            mock.patch.object(onnx_export, "CONTAINERS", containers):
+        onnx.save(onnx_export.onnx_model(loaded)[1], str(path))
 
 
 GROUPS = {"compute": {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"},
@@ -117,14 +128,14 @@ def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int
         for fmt, path in files.items():
             FORMATS[fmt](loaded, path)
         files["float onnx"] = Path(tmp) / "float.onnx"
-        float_onnx(float_model, loaded.example(2), files["float onnx"])
-        files["int8 onnx"] = Path(tmp) / "int8.onnx"
-        with mock.patch.object(onnx_export, "qdq_translation", per_tensor), \
-                mock.patch.object(onnx_export, "CONTAINERS", EIGHT_BIT | onnx_export.CONTAINERS):
-            FORMATS["onnx"](loaded, files["int8 onnx"])
+        onnx.save(onnx_export.to_onnx(float_model, loaded.example(2), name), str(files["float onnx"]))
+        files["int8 onnx"], files["floor"] = Path(tmp) / "int8.onnx", Path(tmp) / "floor.onnx"
+        variant_onnx(loaded, files["int8 onnx"], per_tensor, EIGHT_BIT | onnx_export.CONTAINERS)
+        variant_onnx(loaded, files["floor"], floor, onnx_export.CONTAINERS)
         sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
         pruned = pruned_model(loaded)
-        sessions = {fmt: onnxruntime_session(str(files[fmt]), threads) for fmt in ("onnx", "int8 onnx", "float onnx")}
+        sessions = {fmt: onnxruntime_session(str(files[fmt]), threads)
+                    for fmt in ("onnx", "int8 onnx", "floor", "float onnx")}
         rows, profiles = {}, {}
         for batch in batches:
             x = loaded.example(batch)
@@ -135,6 +146,7 @@ def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int
                     "eval": lambda x=x: loaded.model(x), "pruned": lambda x=x: pruned(x),
                     "onnx": lambda feed=feed: sessions["onnx"].run(None, feed),
                     "int8 onnx": lambda feed=feed: sessions["int8 onnx"].run(None, feed),
+                    "floor": lambda feed=feed: sessions["floor"].run(None, feed),
                     "float onnx": lambda feed=feed: sessions["float onnx"].run(None, feed)}, warmup=2, reps=reps)
             base = timings["float onnx"].median
             rows[str(batch)] = {k: {"ms": t.median, "vs_float_onnx": t.median / base}
@@ -147,12 +159,14 @@ def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int
 def markdown(results: list[dict[str, Any]]) -> str:
     """The BENCHMARKS.md table."""
     out = ["| model | batch | eval [ms] | pruned [ms] | ONNX [ms] | float ONNX [ms] | ONNX / float ONNX | "
-           "per-tensor int8 (integer kernels, inexact) / float ONNX |", "|---|---|---|---|---|---|---|---|"]
+           "per-tensor int8 (integer kernels, inexact) / float ONNX | floor / float ONNX |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for batch, row in r["latency"].items():
             out.append(f"| {r['model']} | {batch} | {row['eval']['ms']:.2f} | {row['pruned']['ms']:.2f} | "
                        f"{row['onnx']['ms']:.2f} | {row['float onnx']['ms']:.2f} | "
-                       f"**{row['onnx']['vs_float_onnx']:.2f}×** | {row['int8 onnx']['vs_float_onnx']:.2f}× |")
+                       f"**{row['onnx']['vs_float_onnx']:.2f}×** | {row['int8 onnx']['vs_float_onnx']:.2f}× | "
+                       f"{row['floor']['vs_float_onnx']:.2f}× |")
     out += ["", "| model | float ONNX | `pruned` | `packed` | `onnx` |", "|---|---|---|---|---|"]
     out += [f"| {r['model']} | " + " | ".join(f"{r['bytes'][k]:,}" for k in ("float onnx", "pruned", "packed", "onnx"))
             + " |" for r in results]

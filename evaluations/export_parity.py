@@ -1,6 +1,9 @@
 """Top-1 of a checkpoint's exports on its validation set: the PyTorch eval model, the pruned model, the packed
 model and the ONNX QDQ graph under onnxruntime, with their prediction agreement, logit differences (the largest, and
-the images whose largest |Δ logit| exceeds 1e-5) and file sizes.
+the images whose largest |Δ logit| exceeds 1e-5) and file sizes. Each format's error is also taken against a
+high-precision reference, the eval model in float64 (its quantizers still compute in fp32, so it has the same grid
+values; only convolutions, matrix products and the rest gain precision), and set beside the fp32 eval model's own
+error: flash-attention's rule, at most twice the plain implementation's error.
 
     python -m evaluations.export_parity CHECKPOINT --data-dir data [--out export_parity.json] [--keep DIR]
 
@@ -10,6 +13,7 @@ Writes JSON (and prints it). Real data only: the validation split of the checkpo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -65,18 +69,23 @@ def parity() -> None:
     packed = load_packed(files["packed"], trust_model_code=trust)
     session = onnxruntime_session(files["onnx"])
     models = {"pytorch_eval": loaded.model, "pruned": pruned, "packed": packed}
+    reference = copy.deepcopy(loaded.model).double()
     correct = dict.fromkeys([*models, "onnxruntime"], 0)
     agree = dict.fromkeys(["pruned", "packed", "onnxruntime"], 0)
-    max_diff = dict.fromkeys(agree, 0.0)
-    over = dict.fromkeys(agree, 0)
+    max_diff, over = dict.fromkeys(agree, 0.0), dict.fromkeys(agree, 0)
+    max_error, over_fp64 = dict.fromkeys(correct, 0.0), dict.fromkeys(correct, 0)
     total, max_logit = 0, 0.0
     for x, y in tqdm(DataLoader(val, batch_size=args.batch_size), desc="evaluating", unit="batch"):
         logits = {name: m(x) for name, m in models.items()}
         max_logit = max(max_logit, float(logits["pytorch_eval"].abs().max()))
         logits["onnxruntime"] = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        exact = reference(x.double())
         ref = logits["pytorch_eval"].argmax(1)
         for name, out in logits.items():
             correct[name] += int((out.argmax(1) == y).sum())
+            error = (out.double() - exact).abs().amax(1)
+            max_error[name] = max(max_error[name], float(error.max()))
+            over_fp64[name] += int((error > TOLERANCE).sum())
             if name in agree:
                 agree[name] += int((out.argmax(1) == ref).sum())
                 diff = (out - logits["pytorch_eval"]).abs().amax(1)
@@ -93,6 +102,10 @@ def parity() -> None:
         "images_over_tolerance": over,
         "tolerance": TOLERANCE,
         "max_abs_logit": max_logit,
+        "max_abs_error_vs_fp64": max_error,
+        "images_over_tolerance_vs_fp64": over_fp64,
+        "error_over_eval_error": {name: e / max_error["pytorch_eval"] if max_error["pytorch_eval"] else None
+                                  for name, e in max_error.items()},
         "bytes": {fmt: path.stat().st_size for fmt, path in files.items()} | {
             "checkpoint": Path(args.checkpoint).stat().st_size,
             "fp32_weights": 4 * sum(p.numel() for n, p in loaded.model.state_dict().items() if "quantizer" not in n)},

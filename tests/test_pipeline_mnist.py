@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,22 @@ def test_exports_of_trained_model_compute_the_eval_model(trained: tuple[Path, Pa
             # All but the rare image where a rounding tie inside a library kernel moved one activation a step.
             close = (out - ref).abs().amax(1) <= 1e-5 * float(ref.abs().max())
             assert int((~close).sum()) <= 50, f"{name}: {int((~close).sum())} of 1000 images differ"  # 24 measured
+
+
+@pytest.mark.slow
+def test_export_parity_reports_every_format_against_float64(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    data_dir, logdir = trained
+    out = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, "-m", "evaluations.export_parity", str(logdir / "epoch_FINAL.pth"),
+                           "--data-dir", str(data_dir), "--out", str(out)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["examples"] == 10_000
+    assert set(report["max_abs_error_vs_fp64"]) == {"pytorch_eval", "pruned", "packed", "onnxruntime"}
+    assert report["error_over_eval_error"]["pytorch_eval"] == 1.0
+    assert all(p == 100.0 for p in report["prediction_agreement_pct"].values())
+    # The float64 model has the same grid values: its distance to each fp32 form is rounding (and a rare tie step).
+    largest = report["max_abs_logit"]
+    assert all(0 < e < 1e-2 * largest for e in report["max_abs_error_vs_fp64"].values())

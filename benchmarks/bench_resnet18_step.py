@@ -50,11 +50,9 @@ def saved_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
 def trainer(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, reg: bool,
             foreach: bool | None = None) -> Callable[[], None]:
     """A function running one full training step: forward, loss (+ 0.01 × the BOP regulariser when `reg`), backward,
-    SGD step with momentum (`foreach`: torch's choice for the device by default). The ranges get their gradients
-    but are not stepped: over tens of steps SGD drives some below zero at small inputs (random images), which ends
-    the run; the step's work is the same."""
-    params = [p for name, p in model.named_parameters() if "x_max" not in name]
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=foreach)
+    SGD step with momentum over every parameter (`foreach`: torch's choice for the device by default); the ranges
+    stay positive by the optimizer's projection hook (`bayesian_bits.ranges`)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=foreach)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)

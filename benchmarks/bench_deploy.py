@@ -9,8 +9,9 @@ prepared at 8 bits and given random mixed gates as in the export tests (a third 
 16 % of the prunable channels off). "int8 onnx" is the same export with per-tensor 8-bit activations, which
 onnxruntime rewrites into its integer kernels (not exact: it shows what they would gain). "floor" is the same export
 with each quantizer replaced by one pass that onnxruntime keeps in its blocked layout and cannot fuse into the
-convolution before it (x + x; wrong values, timing only): an exact quantizer rounds, no onnxruntime convolution
-rounds its output, so no exact export can take less time than this one. Every provider runs the
+convolution before it (x + x; wrong values, timing only): an exact quantizer rounds, no float convolution or
+matrix product of onnxruntime rounds its output (the integer kernels that do are the int8 column's), so no exact
+export with float compute can take less time than this one. Every provider runs the
 same input, taking turns call by call (`harness.measure_alternating`); the table gives medians in ms and each one's
 time over the float ONNX's. Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``). Where
 the time goes: onnxruntime's profiler gives the kernel time per op type of our graph and the float graph (runs

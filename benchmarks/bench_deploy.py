@@ -1,5 +1,5 @@
 """Deployment speed and size on the CPU: the PyTorch eval model (masked), the ``pruned`` export, the ``onnx`` export
-in a default onnxruntime session, and the float model's own ONNX (``torch.onnx.export``) in a default session.
+in a default onnxruntime session, and the float model's own ONNX (through the same ``to_onnx``) in a default session.
 
     python -m benchmarks.bench_deploy [--checkpoint CKPT] [--zoo resnet18 mobilenet_v2 vit_tiny] [--batch 1 32]
                                       [--threads 1] [--reps 10] [--size 224] [--json F]
@@ -9,14 +9,14 @@ prepared at 8 bits and given random mixed gates as in the export tests (a third 
 16 % of the prunable channels off). "int8 onnx" is the same export with per-tensor 8-bit activations, which
 onnxruntime rewrites into its integer kernels (not exact: it shows what they would gain). "floor" is the same export
 with each quantizer replaced by one pass that onnxruntime keeps in its blocked layout and cannot fuse into the
-convolution before it (x + x; wrong values, timing only): an exact quantizer rounds, no float convolution or
+convolution before it (x + x; wrong values, timing only): an exact quantizer rounds, and no float convolution or
 matrix product of onnxruntime rounds its output (the integer kernels that do are the int8 column's), so no exact
-export with float compute can take less time than this one. Every provider runs the
-same input, taking turns call by call (`harness.measure_alternating`); the table gives medians in ms and each one's
-time over the float ONNX's. Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``). Where
-the time goes: onnxruntime's profiler gives the kernel time per op type of our graph and the float graph (runs
-after the first), summed into convolutions and matrix products, quantizers (Q/DQ and the float form; a Mul or Div
-of the model's own, as in attention, counts there too, in both graphs), layout reorders and the rest.
+export of the same graph with float compute takes less time. Every provider runs the same input, taking turns call
+by call (`harness.measure_alternating`); the table gives medians in ms and each one's time over the float ONNX's.
+Sizes: the files in bytes (the float ONNX, ``pruned``, ``packed`` and ``onnx``). Where the time goes: onnxruntime's
+profiler gives the kernel time per op type of our graph and the float graph (runs after the first), summed into
+convolutions and matrix products, quantizers (Q/DQ and the float form; a Mul or Div of the model's own, as in
+attention, counts there too, in both graphs), layout reorders and the rest.
 """
 
 from __future__ import annotations
@@ -81,10 +81,11 @@ def floor(x: Any, scale: float, lo: float, hi: float) -> Any:
     return op.Add(x, x)
 
 
-def variant_onnx(loaded: Loaded, path: Path, translation: Any, containers: dict[str, Any]) -> None:
-    """Our ONNX export with another quantizer translation and container table, saved to ``path``."""
+def variant_onnx(loaded: Loaded, path: Path, translation: Any, containers: dict[str, Any] | None = None) -> None:
+    """Our ONNX export with another quantizer translation (and ``containers`` tried before the 16-bit ones), saved
+    to ``path``."""
     with mock.patch.object(onnx_export, "qdq_translation", translation), \
-            mock.patch.object(onnx_export, "CONTAINERS", containers):
+            mock.patch.object(onnx_export, "CONTAINERS", (containers or {}) | onnx_export.CONTAINERS):
         onnx.save(onnx_export.onnx_model(loaded)[1], str(path))
 
 
@@ -131,8 +132,8 @@ def measure(name: str, loaded: Loaded, float_model: nn.Module, batches: list[int
         files["float onnx"] = Path(tmp) / "float.onnx"
         onnx.save(onnx_export.to_onnx(float_model, loaded.example(2), name), str(files["float onnx"]))
         files["int8 onnx"], files["floor"] = Path(tmp) / "int8.onnx", Path(tmp) / "floor.onnx"
-        variant_onnx(loaded, files["int8 onnx"], per_tensor, EIGHT_BIT | onnx_export.CONTAINERS)
-        variant_onnx(loaded, files["floor"], floor, onnx_export.CONTAINERS)
+        variant_onnx(loaded, files["int8 onnx"], per_tensor, EIGHT_BIT)
+        variant_onnx(loaded, files["floor"], floor)
         sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
         pruned = pruned_model(loaded)
         sessions = {fmt: onnxruntime_session(str(files[fmt]), threads)

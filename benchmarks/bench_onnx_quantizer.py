@@ -12,7 +12,6 @@ dims after axis 1). This sets ``export.onnx.MIN_BLOCK``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +62,7 @@ def measure(threads: int, reps: int) -> list[dict[str, Any]]:
         for form in ("per-axis Q/DQ", "per-tensor Q/DQ", "float form"):
             session = onnxruntime.InferenceSession(chain(form, shape).SerializeToString(), options,
                                                    providers=["CPUExecutionProvider"])
-            for _ in range(3):
-                session.run(None, {"x": x})
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                times.append(time.perf_counter() - start)
-            ms = float(np.median(times)) * 1e3 / CHAIN
+            ms = harness.measure(lambda s=session, feed={"x": x}: s.run(None, feed), warmup=3, reps=reps).median / CHAIN
             rows.append({"shape": list(shape), "form": form, "ms": ms, "ns_per_value": ms * 1e6 / x.size})
     return rows
 
